@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project with the tested pins (constraints.txt). Idempotent and quick
+# when nothing changed. torch goes in first: with no torch installed, any package that needs it would pull
+# the multi-GB CUDA build where the CPU one is meant.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+stamp="$VENV/.sd-endpoint-installed"
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found (set PYTHON=...)" >&2; exit 1; }
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+echo "setup: installing torch (CPU build) ..." >&2
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu on machines whose pip has no local CPU wheel.
+$pip -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
+echo "setup: installing sd-endpoint and its dependencies ..." >&2
+$pip -c constraints.txt -e ".[azureml,dev]"
+# open-clip-torch only provides the CLIP BPE vocabulary file; its own deps (torchvision, timm) are not needed.
+$pip -c constraints.txt --no-deps open-clip-torch
+echo "$want" > "$stamp"
+echo "setup: done ($VENV)" >&2

@@ -1,0 +1,209 @@
+"""The plain-PyTorch backend: diffusers' StableDiffusionPipeline, one call per batch of images."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sd_endpoint.backends.base import (
+    BatchResult,
+    CancelToken,
+    GenerationSpec,
+    ImageTask,
+    SchedulerName,
+    StepCallback,
+)
+
+log = logging.getLogger(__name__)
+
+# Scheduler classes by contract name; each is built from the model's own scheduler config, so it keeps
+# SD 2.1's v-prediction and beta schedule.
+SCHEDULER_CLASSES: dict[SchedulerName, str] = {
+    "ddim": "DDIMScheduler",
+    "dpm_solver_multistep": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+class DiffusersBackend:
+    """Runs SD 2.x through ``StableDiffusionPipeline.__call__``.
+
+    Thread safety: schedulers keep per-call state (timesteps, step index, DPM-Solver history), so every
+    call gets a fresh pipeline object with its own scheduler; the heavy modules are shared read-only.
+    """
+
+    name = "diffusers"
+
+    def __init__(self, pipe: Any, *, placement_reason: str = "", source: str = "") -> None:
+        import torch
+
+        self.pipe = pipe
+        self._torch = torch
+        # Both libraries log the text of over-long prompts; prompts must stay out of the logs.
+        for name in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+                     "transformers.tokenization_utils_base"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self._scheduler_config = dict(pipe.scheduler.config)
+        self._own_scheduler = type(pipe.scheduler).__name__
+        self.placement_reason = placement_reason
+        self.source = source
+        self.nan_redecodes = 0
+        self._vae32: Any = None
+        self._lock = threading.Lock()
+
+    # -- facts -------------------------------------------------------------------------------
+    @property
+    def device(self) -> Any:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> Any:
+        return self.pipe.unet.dtype
+
+    @property
+    def native_size(self) -> tuple[int, int]:
+        side = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        return side, side
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "placement": self.placement_reason,
+            "scheduler": self._own_scheduler,
+            "prediction_type": self._scheduler_config.get("prediction_type"),
+            "native_size": list(self.native_size),
+            "model": self.source,
+        }
+
+    def prompt_overflows(self, text: str) -> bool:
+        tok = self.pipe.tokenizer
+        with self._lock:
+            ids = tok(text, truncation=False, add_special_tokens=True)["input_ids"]
+        return len(ids) > int(tok.model_max_length)
+
+    def supports(self, spec: GenerationSpec) -> bool:
+        return True
+
+    # -- generation --------------------------------------------------------------------------
+    def make_scheduler(self, name: SchedulerName) -> Any:
+        import diffusers
+
+        cls_name = SCHEDULER_CLASSES[name]
+        if name == "ddim" and self._own_scheduler != "DDIMScheduler":
+            log.debug("Model's own scheduler is %s; building DDIM from its config", self._own_scheduler)
+        cls = getattr(diffusers, cls_name)
+        return cls.from_config(self._scheduler_config)
+
+    def pipeline_for(self, spec: GenerationSpec) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        p = self.pipe
+        pipe = StableDiffusionPipeline(
+            vae=p.vae,
+            text_encoder=p.text_encoder,
+            tokenizer=p.tokenizer,
+            unet=p.unet,
+            scheduler=self.make_scheduler(spec.scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generators(self, tasks: Sequence[ImageTask]) -> list[Any]:
+        # CPU generators: the same seed gives the same initial noise on every device and in any batch.
+        return [self._torch.Generator(device="cpu").manual_seed(t.seed) for t in tasks]
+
+    def generate(
+        self,
+        spec: GenerationSpec,
+        tasks: Sequence[ImageTask],
+        cancel: CancelToken | None = None,
+        on_step: StepCallback | None = None,
+    ) -> BatchResult:
+        torch = self._torch
+        if not tasks:
+            return BatchResult([], 0, 0.0)
+        if cancel is not None:
+            cancel.check()
+        pipe = self.pipeline_for(spec)
+        generators = self.generators(tasks)
+        steps_done = 0
+
+        def step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal steps_done
+            steps_done = i + 1
+            if cancel is not None:
+                cancel.steps_done = steps_done
+                cancel.check()  # raises: stops here, before the next UNet call and before the VAE
+            if on_step is not None:
+                on_step(steps_done, spec.steps)
+            return kwargs
+
+        extra: dict[str, Any] = {}
+        if spec.scheduler == "ddim":
+            extra["eta"] = spec.eta
+        started = time.perf_counter()
+        with torch.inference_mode():
+            do_cfg = spec.guidance_scale > 1
+            # Text encoding as __call__ does it, under a lock: a fast tokenizer shared between threads
+            # raises "Already borrowed" when two calls change its truncation settings at once.
+            with self._lock:
+                prompt_embeds, negative_embeds = pipe.encode_prompt(
+                    [t.prompt for t in tasks],
+                    self.device,
+                    1,
+                    do_cfg,
+                    negative_prompt=[t.negative_prompt or "" for t in tasks] if do_cfg else None,
+                )
+            latents = pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                height=spec.height,
+                width=spec.width,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.guidance_scale,
+                generator=generators,
+                output_type="latent",
+                callback_on_step_end=step_end,
+                **extra,
+            ).images
+            images, notes = self.decode(pipe, latents, generators)
+        return BatchResult(images, steps_done, time.perf_counter() - started, notes)
+
+    def vae_fp32(self) -> Any:
+        """An fp32 copy of the VAE, made on first need (the shared one may be in use by other threads)."""
+        with self._lock:
+            if self._vae32 is None:
+                import copy
+
+                self._vae32 = copy.deepcopy(self.pipe.vae).to(self._torch.float32)
+            return self._vae32
+
+    def decode(self, pipe: Any, latents: Any, generators: list[Any]) -> tuple[list[Any], list[list[str]]]:
+        """VAE decode as the pipeline does it, with a guard for SD 2.x fp16 NaNs (black images)."""
+        torch = self._torch
+        vae = pipe.vae
+        scaled = latents / vae.config.scaling_factor
+        decoded = vae.decode(scaled, return_dict=False, generator=generators)[0]
+        notes: list[list[str]] = [[] for _ in range(decoded.shape[0])]
+        if decoded.dtype == torch.float16:
+            bad = torch.isnan(decoded).flatten(1).any(dim=1)
+            for i in bad.nonzero().flatten().tolist():
+                # fp16 overflow in the VAE's upsampling turns an image black; decode that one in fp32.
+                fixed = self.vae_fp32().decode(scaled[i : i + 1].float(), return_dict=False)[0]
+                decoded[i : i + 1] = fixed.to(decoded.dtype)
+                self.nan_redecodes += 1
+                notes[i].append("decoded again in fp32 after NaNs in the fp16 VAE decode")
+                log.warning("NaNs in fp16 VAE decode of image %d; decoded it again in fp32", i)
+        images = pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True] * len(notes))
+        return list(images), notes

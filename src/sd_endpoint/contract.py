@@ -1,0 +1,428 @@
+"""The scoring contract: every request form Azure clients send, validated once, here.
+
+Accepted request bodies (azure-contract.md section 1.2)::
+
+    {"input_data": {"columns": ["prompt"], "data": ["a cat"], "index": [0]}}
+    {"input_data": {"columns": ["prompt"], "data": ["a cat"], "parameters": {"num_inference_steps": 30}}}
+    {"input_data": {"columns": ["prompt", "negative_prompt"],
+                    "data": [{"prompt": "a cat", "negative_prompt": "blurry"}]}, "parameters": {...}}
+    {"input_data": {"columns": ["prompt", "negative_prompt", "seed"], "data": [["a cat", "blurry", 7]]}}
+
+The response is a JSON array with one ``ImageRecord`` per generated image, in input order.
+Unknown keys are errors that list the allowed ones: Azure ignores them silently, and a typo such as
+``guidence_scale`` would otherwise quietly use the default.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from sd_endpoint.backends.base import (
+    SCHEDULER_NAMES,
+    SCHEDULERS_WITH_ETA,
+    GenerationSpec,
+    ImageTask,
+    SchedulerName,
+)
+from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+COLUMNS = ("prompt", "negative_prompt", "seed")
+MAX_SEED = 2**63 - 1
+MIN_SIDE = 64
+MAX_SIDE = 4096
+MAX_GUIDANCE = 50.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds and defaults that come from settings and from the loaded model."""
+
+    max_images: int = 8
+    max_pixels: int = 1024 * 1024
+    max_steps: int = 150
+    max_prompt_chars: int = 20_000
+    default_height: int = 768
+    default_width: int = 768
+    default_steps: int = 50
+    default_guidance_scale: float = 7.5
+
+
+class Parameters(BaseModel):
+    """Generation parameters, in ``input_data.parameters`` (the model card's form) or at the top level."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default 50).")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance (7.5)."
+    )
+    negative_prompt: str | None = Field(None, description="Default negative prompt for rows without one.")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
+    num_images_per_prompt: int = Field(1, ge=1, description="Images per row; seeds are seed, seed+1, ...")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed for rows without their own.")
+    scheduler: SchedulerName | None = Field(None, description="Default: the model's own (DDIM for SD 2.1).")
+    output_format: OutputFormat = Field("png", description="Encoding of generated_image.")
+    eta: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta (0).")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_length(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_text(value, info, allow_empty=True)
+
+
+class Row(BaseModel):
+    """One input row: a prompt, and optionally its own negative prompt and seed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str, info: ValidationInfo) -> str:
+        checked = _check_text(value, info, allow_empty=False)
+        assert checked is not None
+        return checked
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _check_text(value, info, allow_empty=True)
+
+
+class InputData(BaseModel):
+    """pandas "split" orientation, as Azure ML clients send it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    columns: list[str] | None = Field(None, description="Column names; 'prompt' is required.")
+    data: list[str | dict[str, Any] | list[Any]] = Field(description="One entry per row.")
+    index: list[int | str] | None = Field(None, description="Row labels, echoed in each record.")
+    parameters: Parameters | None = None
+
+
+class ScoreRequest(BaseModel):
+    """The request body."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {"input_data": {"columns": ["prompt"], "data": ["an astronaut riding a horse"], "index": [0]}},
+                {
+                    "input_data": {
+                        "columns": ["prompt", "negative_prompt"],
+                        "data": [{"prompt": "a lighthouse at dawn", "negative_prompt": "blurry"}],
+                        "parameters": {"num_inference_steps": 30, "guidance_scale": 7.5, "seed": 42},
+                    }
+                },
+            ]
+        },
+    )
+
+    input_data: InputData
+    parameters: Parameters | None = None
+
+
+class ImageRecord(BaseModel):
+    """One generated image. ``generated_image`` is "" when content screening blocked it."""
+
+    prompt: str
+    generated_image: str = Field(description="Standard base64 of the encoded image, no newlines.")
+    nsfw_content_detected: bool | None = Field(description="null unless content screening ran.")
+    seed: int = Field(description="The seed that produced this image; send it back to reproduce it.")
+    index: int | str = Field(description="The index of the input row this image belongs to.")
+    warnings: list[str] | None = Field(None, description="E.g. the prompt was cut to the 77-token window.")
+    blocked: dict[str, Any] | None = Field(None, description="Why screening blocked this row.")
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    message: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsed form handed to the service
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """A validated input row with its seeds resolved."""
+
+    position: int
+    index: int | str
+    prompt: str
+    negative_prompt: str | None
+    seeds: tuple[int, ...]  # one per image of this row
+
+    def tasks(self) -> list[ImageTask]:
+        return [ImageTask(self.prompt, self.negative_prompt, seed) for seed in self.seeds]
+
+
+@dataclass(frozen=True)
+class ScoringRequest:
+    spec: GenerationSpec
+    output_format: OutputFormat
+    rows: tuple[RowRequest, ...]
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(r.seeds) for r in self.rows)
+
+
+def _check_text(value: str | None, info: ValidationInfo, *, allow_empty: bool) -> str | None:
+    if value is None:
+        return None
+    if not allow_empty and not value.strip():
+        raise ValueError("must not be empty")
+    limits: Limits = (info.context or {}).get("limits", Limits())
+    if len(value) > limits.max_prompt_chars:
+        raise ValueError(f"must be at most {limits.max_prompt_chars} characters (got {len(value)})")
+    return value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def decode_body(body: bytes | str, *, max_bytes: int | None = None) -> Any:
+    """Bytes or text to a JSON value, refusing non-UTF-8, NaN and Infinity."""
+    if max_bytes is not None and len(body) > max_bytes:
+        raise PayloadTooLarge(f"Request body is {len(body)} bytes; the limit is {max_bytes}.")
+    if isinstance(body, bytes):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"Request body is not valid UTF-8: {exc}.") from None
+    else:
+        text = body
+    if not text.strip():
+        raise InvalidRequest('Request body is empty; expected a JSON object with "input_data".')
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from None
+
+
+def parse_request(body: bytes | str | Any, limits: Limits) -> ScoringRequest:
+    """Validate a request body (raw bytes/text, or an already decoded JSON value) into a ScoringRequest."""
+    payload = decode_body(body) if isinstance(body, (bytes, str)) else body
+    if not isinstance(payload, dict):
+        raise InvalidRequest(
+            f'Request body must be a JSON object with "input_data"; got a JSON {_json_type(payload)}.'
+        )
+    if "input_data" not in payload:
+        raise InvalidRequest(
+            'Missing "input_data": expected {"input_data": {"columns": ["prompt"], "data": ["..."]}}.'
+        )
+    try:
+        request = ScoreRequest.model_validate(payload, context={"limits": limits})
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc)) from None
+    return _resolve(request, limits)
+
+
+def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
+    data = request.input_data
+    if request.parameters is not None and data.parameters is not None:
+        raise InvalidRequest(
+            '"parameters" given both at the top level and inside "input_data"; send one of them.'
+        )
+    params = request.parameters or data.parameters or Parameters()
+    where = "parameters" if request.parameters is not None else "input_data.parameters"
+
+    columns = _check_columns(data.columns)
+    if not data.data:
+        raise InvalidRequest("input_data.data: must hold at least one row.")
+    if data.index is not None and len(data.index) != len(data.data):
+        raise InvalidRequest(
+            f"input_data.index has {len(data.index)} entries but input_data.data has {len(data.data)} rows; "
+            "they must match."
+        )
+    rows = [_row(i, item, columns, limits) for i, item in enumerate(data.data)]
+
+    height = params.height or limits.default_height
+    width = params.width or limits.default_width
+    if height * width > limits.max_pixels:
+        raise InvalidRequest(
+            f"{where}.height x width: {height}x{width} = {height * width} pixels is over the limit of "
+            f"{limits.max_pixels} (SD_ENDPOINT_MAX_PIXELS)."
+        )
+    steps = params.num_inference_steps or limits.default_steps
+    if steps > limits.max_steps:
+        raise InvalidRequest(
+            f"{where}.num_inference_steps: must be between 1 and {limits.max_steps} (got {steps})."
+        )
+    guidance = limits.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
+    scheduler: SchedulerName = params.scheduler or "ddim"
+    eta = params.eta or 0.0
+    if eta and scheduler not in SCHEDULERS_WITH_ETA:
+        raise InvalidRequest(
+            f"{where}.eta: only the {', '.join(sorted(SCHEDULERS_WITH_ETA))} scheduler uses eta; "
+            f"'{scheduler}' would ignore it. Leave eta out or use scheduler 'ddim'."
+        )
+    total = len(rows) * params.num_images_per_prompt
+    if total > limits.max_images:
+        raise InvalidRequest(
+            f"The request asks for {total} images ({len(rows)} rows x num_images_per_prompt "
+            f"{params.num_images_per_prompt}); the limit is {limits.max_images} "
+            "(SD_ENDPOINT_MAX_IMAGES_PER_REQUEST)."
+        )
+
+    resolved = []
+    for pos, row in enumerate(rows):
+        negative = row.negative_prompt if row.negative_prompt is not None else params.negative_prompt
+        if negative and guidance <= 1.0:
+            raise InvalidRequest(
+                f"input_data.data[{pos}]: a negative_prompt has no effect when guidance_scale <= 1 "
+                f"(got {guidance}); raise guidance_scale or leave the negative prompt out."
+            )
+        base = row.seed if row.seed is not None else params.seed
+        if base is None:
+            base = secrets.randbelow(2**31)
+        seeds = tuple((base + k) % (MAX_SEED + 1) for k in range(params.num_images_per_prompt))
+        index: int | str = data.index[pos] if data.index is not None else pos
+        resolved.append(RowRequest(pos, index, row.prompt, negative or None, seeds))
+
+    spec = GenerationSpec(height, width, steps, float(guidance), scheduler, float(eta))
+    return ScoringRequest(spec, params.output_format, tuple(resolved))
+
+
+def _check_columns(columns: list[str] | None) -> list[str] | None:
+    if columns is None:
+        return None
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise InvalidRequest(
+            f"input_data.columns: unknown column(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(COLUMNS)}."
+        )
+    if len(set(columns)) != len(columns):
+        raise InvalidRequest("input_data.columns: a column is listed twice.")
+    if "prompt" not in columns:
+        raise InvalidRequest("input_data.columns: must include 'prompt'.")
+    return columns
+
+
+def _row(pos: int, item: Any, columns: list[str] | None, limits: Limits) -> Row:
+    where = f"input_data.data[{pos}]"
+    if isinstance(item, str):
+        if columns is not None and columns != ["prompt"]:
+            raise InvalidRequest(
+                f"{where}: a bare string row needs columns ['prompt']; with columns {columns} send a list "
+                'or an object per row, e.g. {"prompt": "...", "negative_prompt": "..."}.'
+            )
+        fields: dict[str, Any] = {"prompt": item}
+    elif isinstance(item, dict):
+        unknown = [k for k in item if k not in COLUMNS]
+        if unknown:
+            raise InvalidRequest(
+                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(COLUMNS)}."
+            )
+        if columns is not None:
+            missing = [k for k in item if k not in columns]
+            if missing:
+                raise InvalidRequest(f"{where}: key(s) {missing} are not listed in input_data.columns {columns}.")
+        fields = dict(item)
+    else:  # a list, matched against columns
+        if columns is None:
+            raise InvalidRequest(f"{where}: a list row needs input_data.columns to name its values.")
+        if len(item) != len(columns):
+            raise InvalidRequest(
+                f"{where}: has {len(item)} values but input_data.columns has {len(columns)} ({columns})."
+            )
+        fields = dict(zip(columns, item, strict=True))
+    if "prompt" not in fields:
+        raise InvalidRequest(f"{where}: missing 'prompt'.")
+    try:
+        return Row.model_validate(fields, context={"limits": limits})
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc, prefix=where)) from None
+
+
+_ALLOWED_BY_PARENT = {
+    "": sorted(ScoreRequest.model_fields),
+    "input_data": sorted(InputData.model_fields),
+    "parameters": sorted(Parameters.model_fields),
+}
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> str:
+    """Turn pydantic errors into one message that names each field and what it accepts."""
+    parts: list[str] = []
+    seen: set[str] = set()
+    errors = exc.errors()
+    # A value that fits no member of a union gets one error per member; say it once.
+    union_paths = {tuple(e["loc"][:-1]) for e in errors if e["loc"] and e["loc"][-1] in _UNION_TAGS}
+    collapsed = []
+    for err in errors:
+        loc_t = tuple(err["loc"])
+        if loc_t[:-1] in union_paths and loc_t and loc_t[-1] in _UNION_TAGS:
+            if loc_t[-1] == _UNION_TAGS[0]:
+                collapsed.append({**err, "loc": loc_t[:-1], "msg": "must be a string, an object or a list"})
+            continue
+        collapsed.append(err)
+    for err in collapsed:
+        loc = [str(p) for p in err["loc"]]
+        # Union members add their type name to the location (e.g. data.0.str); drop those.
+        loc = [p for p in loc if p not in _UNION_TAGS and not p.startswith("function-")]
+        path = prefix
+        for part in loc:
+            path = f"{path}[{part}]" if part.isdigit() else (f"{path}.{part}" if path else part)
+        if err["type"] == "extra_forbidden":
+            parent = loc[-2] if len(loc) >= 2 else ""
+            allowed = _ALLOWED_BY_PARENT.get(parent, list(COLUMNS))
+            msg = f"unknown field '{loc[-1]}'; allowed: {', '.join(allowed)}"
+            path = path.rsplit(".", 1)[0] if "." in path else "body"
+        elif err["type"] == "missing":
+            msg = "is required"
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if "(got " not in msg:
+                msg += _shown(err.get("input"))
+        line = f"{path}: {msg}"
+        if line not in seen:
+            seen.add(line)
+            parts.append(line)
+    return "Invalid request: " + "; ".join(parts[:10]) + "."
+
+
+_UNION_TAGS = ("str", "dict[str,any]", "list[any]", "int")
+
+
+def _shown(got: Any) -> str:
+    if isinstance(got, bool) or got is None:
+        return f" (got {json.dumps(got)})"
+    if isinstance(got, (int, float)):
+        return f" (got {got!r})"
+    if isinstance(got, str):
+        return " (got a JSON string)"
+    return f" (got a JSON {_json_type(got)})"
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null"
+    )
+
+
+def scheduler_names() -> tuple[str, ...]:
+    return SCHEDULER_NAMES

@@ -1,0 +1,150 @@
+"""Configuration from the environment (pydantic-settings).
+
+Every setting of ours is ``SD_ENDPOINT_<NAME>``; Azure's own variables keep their names
+(``AZUREML_MODEL_DIR``, ``CONTENT_SAFETY_*``). Errors name the variable, never the Python field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+from sd_endpoint.errors import ConfigError
+
+ENV_PREFIX = "SD_ENDPOINT_"
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """The endpoint's settings. The README's table lists each variable with its default."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
+
+    # --- model -------------------------------------------------------------------------------
+    model: str | None = Field(
+        default=None,
+        description="A diffusers folder, a .safetensors/.ckpt checkpoint, a Hub id, or 'demo'.",
+    )
+    azureml_model_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("AZUREML_MODEL_DIR"),
+        description="Set by Azure ML: the folder the registered model is mounted in.",
+    )
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    backend: Literal["auto", "diffusers", "deepspeed"] = "auto"
+    compile: bool = Field(default=False, description="torch.compile the UNet (warmed up at start-up).")
+    warmup: bool = Field(default=True, description="Run one small generation before reporting ready.")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-endpoint",
+        description="Where the demo model and generated tokenizer files are built once.",
+    )
+
+    # --- request limits ----------------------------------------------------------------------
+    max_images_per_request: int = Field(default=8, ge=1, le=64)
+    max_pixels: int = Field(default=1024 * 1024, ge=64 * 64, description="Cap on height*width.")
+    max_steps: int = Field(default=150, ge=1, le=1000)
+    max_prompt_chars: int = Field(default=20_000, ge=1)
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    default_height: int | None = Field(default=None, description="Default: the model's native size.")
+    default_width: int | None = None
+    default_steps: int = Field(default=50, ge=1)
+    default_guidance_scale: float = 7.5
+
+    # --- serving -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=5001, ge=1, le=65535)
+    keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated API keys (primary,secondary)."
+    )
+    max_concurrent_requests: int = Field(default=2, ge=1)
+    max_queue_wait_ms: int = Field(default=500, ge=0)
+    request_timeout_ms: int = Field(
+        default=85_000, ge=100, description="Below the deployment's request_timeout_ms (90000)."
+    )
+    max_batch_size: int = Field(default=4, ge=1)
+    batch_wait_ms: int = Field(default=10, ge=0)
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    log_prompts: bool = False
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _keys_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        v = value.strip().lower()
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    @model_validator(mode="after")
+    def _defaults_multiple_of_8(self) -> Settings:
+        for name in ("default_height", "default_width"):
+            value = getattr(self, name)
+            if value is not None and (value % 8 or value < 64):
+                raise ValueError(f"{name}: must be a multiple of 8 and at least 64")
+        return self
+
+
+class ContentSafetySettings(BaseSettings):
+    """Azure AI Content Safety, under Azure's own variable names (``CONTENT_SAFETY_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="CONTENT_SAFETY_", extra="ignore")
+
+    endpoint: str | None = None
+    key: SecretStr | None = None
+    threshold: int = Field(default=2, ge=0, le=7)
+    fail_open: bool = False
+    uai_client_id: str | None = Field(default=None, validation_alias=AliasChoices("UAI_CLIENT_ID"))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.endpoint)
+
+
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+def env_name(settings_cls: type[BaseSettings], field: str) -> str:
+    """The environment variable that sets ``field`` of ``settings_cls``."""
+    info = settings_cls.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, AliasChoices):
+        first = info.validation_alias.choices[0]
+        if isinstance(first, str):
+            return first
+    prefix = settings_cls.model_config.get("env_prefix", "")
+    return f"{prefix}{field}".upper()
+
+
+def load(settings_cls: type[_S], **overrides: Any) -> _S:
+    """Build settings from the environment; a bad value raises ConfigError naming the variable."""
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            where = env_name(settings_cls, field) if field in settings_cls.model_fields else field or "settings"
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or field == "keys" else f" (got {got!r})"
+            problems.append(f"{where}: {err['msg']}{shown}")
+        raise ConfigError("Invalid configuration: " + "; ".join(problems)) from None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return load(Settings, **overrides)
