@@ -28,7 +28,7 @@ def init() -> None:
     """Load the model once per worker, warm it up, and log what was chosen."""
     global _service
     settings = load_settings()
-    setup_logging(settings.log_level, settings.log_format)
+    setup_logging(settings.log_level, settings.log_format, defer_to_host=True)
     _service = GenerationService.from_settings(settings)
     _service.warmup()
 
@@ -51,8 +51,13 @@ def run(request: AMLRequest) -> AMLResponse:
         result = _service.handle(body, cancel)
         log.info(
             "scored",
-            extra={"status": 200, "images": result.images, "steps": result.steps, "blocked": result.blocked,
-                   "timings": {k: round(v, 3) for k, v in result.timings.items()}},
+            extra={
+                "status": 200,
+                "images": result.images,
+                "steps": result.steps,
+                "blocked": result.blocked,
+                "timings": {k: round(v, 3) for k, v in result.timings.items()},
+            },
         )
         return _json(result.records, 200, result.headers)
     except EndpointError as exc:
@@ -60,8 +65,9 @@ def run(request: AMLRequest) -> AMLResponse:
         return _json(exc.body(), exc.status_code, exc.headers, failed=exc.status_code >= 500)
     except Exception:
         log.exception("Unexpected error while scoring")
-        return _json({"message": f"Generation failed unexpectedly; see the server log (request id {rid})."}, 500,
-                     failed=True)
+        return _json(
+            {"message": f"Generation failed unexpectedly; see the server log (request id {rid})."}, 500, failed=True
+        )
     finally:
         request_id.reset(token)
 

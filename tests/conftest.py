@@ -52,7 +52,8 @@ def service(settings, backend) -> Iterator:  # type: ignore[no-untyped-def,type-
 def small_request(prompts: list[str] | None = None, **params: object) -> dict[str, object]:
     """A request that runs in well under a second on the tiny model."""
     merged: dict[str, object] = {"num_inference_steps": 3, "height": 64, "width": 64, "seed": 1, **params}
+    rows = prompts or ["a red fox in the snow"]
     return {
-        "input_data": {"columns": ["prompt"], "data": prompts or ["a red fox in the snow"], "index": [0]},
+        "input_data": {"columns": ["prompt"], "data": rows, "index": list(range(len(rows)))},
         "parameters": merged,
     }

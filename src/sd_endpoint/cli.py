@@ -130,8 +130,10 @@ def _demo_model(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out = write_demo_model(Path(args.out_dir), full_size=args.full_size, cache_dir=load_settings().cache_dir)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"Wrote {'full-size' if args.full_size else 'tiny'} demo model to {out} ({size / 1e6:.1f} MB) "
-          f"in {time.perf_counter() - started:.1f} s")
+    print(
+        f"Wrote {'full-size' if args.full_size else 'tiny'} demo model to {out} ({size / 1e6:.1f} MB) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
     return 0
 
 

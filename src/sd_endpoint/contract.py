@@ -226,13 +226,9 @@ def parse_request(body: bytes | str | Any, limits: Limits) -> ScoringRequest:
     """Validate a request body (raw bytes/text, or an already decoded JSON value) into a ScoringRequest."""
     payload = decode_body(body) if isinstance(body, (bytes, str)) else body
     if not isinstance(payload, dict):
-        raise InvalidRequest(
-            f'Request body must be a JSON object with "input_data"; got a JSON {_json_type(payload)}.'
-        )
+        raise InvalidRequest(f'Request body must be a JSON object with "input_data"; got a JSON {_json_type(payload)}.')
     if "input_data" not in payload:
-        raise InvalidRequest(
-            'Missing "input_data": expected {"input_data": {"columns": ["prompt"], "data": ["..."]}}.'
-        )
+        raise InvalidRequest('Missing "input_data": expected {"input_data": {"columns": ["prompt"], "data": ["..."]}}.')
     try:
         request = ScoreRequest.model_validate(payload, context={"limits": limits})
     except ValidationError as exc:
@@ -243,10 +239,8 @@ def parse_request(body: bytes | str | Any, limits: Limits) -> ScoringRequest:
 def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
     data = request.input_data
     if request.parameters is not None and data.parameters is not None:
-        raise InvalidRequest(
-            '"parameters" given both at the top level and inside "input_data"; send one of them.'
-        )
-    params = request.parameters or data.parameters or Parameters()
+        raise InvalidRequest('"parameters" given both at the top level and inside "input_data"; send one of them.')
+    params = request.parameters or data.parameters or Parameters.model_validate({})
     where = "parameters" if request.parameters is not None else "input_data.parameters"
 
     columns = _check_columns(data.columns)
@@ -268,9 +262,7 @@ def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
         )
     steps = params.num_inference_steps or limits.default_steps
     if steps > limits.max_steps:
-        raise InvalidRequest(
-            f"{where}.num_inference_steps: must be between 1 and {limits.max_steps} (got {steps})."
-        )
+        raise InvalidRequest(f"{where}.num_inference_steps: must be between 1 and {limits.max_steps} (got {steps}).")
     guidance = limits.default_guidance_scale if params.guidance_scale is None else params.guidance_scale
     scheduler: SchedulerName = params.scheduler or "ddim"
     eta = params.eta or 0.0
@@ -312,8 +304,7 @@ def _check_columns(columns: list[str] | None) -> list[str] | None:
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         raise InvalidRequest(
-            f"input_data.columns: unknown column(s) {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(COLUMNS)}."
+            f"input_data.columns: unknown column(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(COLUMNS)}."
         )
     if len(set(columns)) != len(columns):
         raise InvalidRequest("input_data.columns: a column is listed twice.")
@@ -372,15 +363,16 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
     errors = exc.errors()
     # A value that fits no member of a union gets one error per member; say it once.
     union_paths = {tuple(e["loc"][:-1]) for e in errors if e["loc"] and e["loc"][-1] in _UNION_TAGS}
-    collapsed = []
-    for err in errors:
-        loc_t = tuple(err["loc"])
+    collapsed: list[dict[str, Any]] = []
+    for raw in errors:
+        loc_t = tuple(raw["loc"])
         if loc_t[:-1] in union_paths and loc_t and loc_t[-1] in _UNION_TAGS:
             if loc_t[-1] == _UNION_TAGS[0]:
-                collapsed.append({**err, "loc": loc_t[:-1], "msg": "must be a string, an object or a list"})
+                collapsed.append({**raw, "loc": loc_t[:-1], "msg": "must be a string, an object or a list"})
             continue
-        collapsed.append(err)
-    for err in collapsed:
+        collapsed.append(dict(raw))
+    for item in collapsed:
+        err = item
         loc = [str(p) for p in err["loc"]]
         # Union members add their type name to the location (e.g. data.0.str); drop those.
         loc = [p for p in loc if p not in _UNION_TAGS and not p.startswith("function-")]

@@ -25,8 +25,7 @@ class _RequestIdFilter(logging.Filter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -55,9 +54,17 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Configure the root logger once; safe to call again (replaces our handler)."""
+def setup_logging(level: str = "INFO", fmt: str = "text", *, defer_to_host: bool = False) -> None:
+    """Configure the root logger once; safe to call again (replaces our handler).
+
+    ``defer_to_host``: inside a host that already set up logging (azmlinfsrv), only set our level, so
+    every line is written once, by the host's handlers (which App Insights also reads).
+    """
     root = logging.getLogger()
+    ours = [h for h in root.handlers if getattr(h, "_sd_endpoint", False)]
+    if defer_to_host and len(root.handlers) > len(ours):
+        logging.getLogger("sd_endpoint").setLevel(level.upper())
+        return
     for handler in list(root.handlers):
         if getattr(handler, "_sd_endpoint", False):
             root.removeHandler(handler)

@@ -18,7 +18,9 @@ REQUEST_SECONDS = Histogram(
     "sd_request_seconds", "Total request latency.", ["route"], buckets=_LATENCY_BUCKETS, registry=REGISTRY
 )
 QUEUE_SECONDS = Histogram(
-    "sd_queue_wait_seconds", "Time a request waited for a generation slot.", buckets=_LATENCY_BUCKETS,
+    "sd_queue_wait_seconds",
+    "Time a request waited for a generation slot.",
+    buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 GENERATION_SECONDS = Histogram(
@@ -28,8 +30,11 @@ ENCODE_SECONDS = Histogram(
     "sd_encode_seconds", "Time to encode a request's images.", buckets=_LATENCY_BUCKETS, registry=REGISTRY
 )
 SCREENING_SECONDS = Histogram(
-    "sd_content_safety_seconds", "Content screening time per request and stage.", ["stage"],
-    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "sd_content_safety_seconds",
+    "Content screening time per request and stage.",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 IN_FLIGHT = Gauge("sd_requests_in_flight", "Requests being generated now.", registry=REGISTRY)
 QUEUED = Gauge("sd_requests_queued", "Requests waiting for a generation slot.", registry=REGISTRY)
@@ -48,10 +53,27 @@ MODEL_LOAD_SECONDS = Gauge("sd_model_load_seconds", "Time to load the model.", r
 READY = Gauge("sd_ready", "1 once the model is loaded and warmed up.", registry=REGISTRY)
 BACKEND = Info("sd_backend", "The backend chosen at start-up and why.", registry=REGISTRY)
 BLOCKED = Counter(
-    "sd_content_blocked_total", "Prompts and images blocked by content screening.", ["stage", "category"],
+    "sd_content_blocked_total",
+    "Prompts and images blocked by content screening.",
+    ["stage", "category"],
     registry=REGISTRY,
 )
 SCREENING_SKIPPED = Counter(
-    "sd_content_safety_skipped_total", "Requests answered unscreened because screening failed (fail-open).",
+    "sd_content_safety_skipped_total",
+    "Requests answered unscreened because screening failed (fail-open).",
+    registry=REGISTRY,
+)
+SCREENING_CALLS = Counter(
+    "sd_content_safety_calls_total",
+    "Calls to Azure AI Content Safety by kind (text, image) and outcome (ok or the failure class).",
+    ["kind", "outcome"], registry=REGISTRY,
+)
+SCREENING_CALL_SECONDS = Histogram(
+    "sd_content_safety_call_seconds", "Latency of one Content Safety call, retries included.", ["kind"],
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+SCREENING_IMAGES_ADAPTED = Counter(
+    "sd_content_safety_images_adapted_total",
+    "Images resized or re-encoded for screening because they were outside the service's limits.",
     registry=REGISTRY,
 )

@@ -95,9 +95,7 @@ class GenerationService:
         """One small generation, so the first request does not pay for lazy initialisation."""
         started = time.perf_counter()
         if self.settings.warmup:
-            spec = GenerationSpec(
-                self.limits.default_height, self.limits.default_width, 2, 7.5, "ddim", 0.0
-            )
+            spec = GenerationSpec(self.limits.default_height, self.limits.default_width, 2, 7.5, "ddim", 0.0)
             self.backend.generate(spec, [ImageTask("warm-up", None, 0)])
         self.ready = True
         metrics.READY.set(1)

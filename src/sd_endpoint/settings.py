@@ -7,12 +7,12 @@ Every setting of ours is ``SD_ENDPOINT_<NAME>``; Azure's own variables keep thei
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 from sd_endpoint.errors import ConfigError
 
@@ -92,29 +92,79 @@ class Settings(BaseSettings):
             return v
         raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
-    @model_validator(mode="after")
-    def _defaults_multiple_of_8(self) -> Settings:
-        for name in ("default_height", "default_width"):
-            value = getattr(self, name)
-            if value is not None and (value % 8 or value < 64):
-                raise ValueError(f"{name}: must be a multiple of 8 and at least 64")
-        return self
+    @field_validator("default_height", "default_width")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and (value % 8 or value < 64):
+            raise ValueError("must be a multiple of 8 and at least 64")
+        return value
+
+
+_BLOCKLIST_NAME = re.compile(r"^[0-9A-Za-z._~-]{1,64}$")
 
 
 class ContentSafetySettings(BaseSettings):
     """Azure AI Content Safety, under Azure's own variable names (``CONTENT_SAFETY_*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="CONTENT_SAFETY_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CONTENT_SAFETY_", extra="ignore", populate_by_name=True)
 
     endpoint: str | None = None
     key: SecretStr | None = None
-    threshold: int = Field(default=2, ge=0, le=7)
+    # Thresholds run from 1 (0 would block everything) to 7 (the top of the eight-level scale).
+    threshold: int = Field(
+        default=2, ge=1, le=7, description="A category blocks at severity >= threshold (0/2/4/6 scale)."
+    )
     fail_open: bool = False
     uai_client_id: str | None = Field(default=None, validation_alias=AliasChoices("UAI_CLIENT_ID"))
+    # Per-category overrides of `threshold`.
+    threshold_hate: int | None = Field(default=None, ge=1, le=7)
+    threshold_self_harm: int | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "CONTENT_SAFETY_THRESHOLD_SELF_HARM", "CONTENT_SAFETY_THRESHOLD_SELFHARM", "threshold_self_harm"
+        ),
+        ge=1,
+        le=7,
+    )
+    threshold_sexual: int | None = Field(default=None, ge=1, le=7)
+    threshold_violence: int | None = Field(default=None, ge=1, le=7)
+    blocklists: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated blocklist names passed to every text call."
+    )
+    output_type: Literal["FourSeverityLevels", "EightSeverityLevels"] = Field(
+        default="FourSeverityLevels", description="Text severity scale (images are always four-level)."
+    )
+    timeout_s: float = Field(default=10.0, gt=0, le=300, description="Connect and read timeout of one call.")
+    retries: int = Field(default=2, ge=0, le=10, description="Retries of a failed call (429, 5xx, network).")
+    max_concurrency: int = Field(default=16, ge=1, le=256, description="Calls in flight, over all requests.")
+    log_prompts: bool = Field(default=False, validation_alias=AliasChoices("SD_ENDPOINT_LOG_PROMPTS", "log_prompts"))
+
+    @field_validator("blocklists", mode="before")
+    @classmethod
+    def _blocklists_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("blocklists")
+    @classmethod
+    def _blocklist_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _BLOCKLIST_NAME.match(name):
+                raise ValueError(f"{name!r} is not a blocklist name (1-64 of A-Z a-z 0-9 . _ ~ -)")
+        return value
 
     @property
     def enabled(self) -> bool:
         return bool(self.endpoint)
+
+    def thresholds(self) -> dict[str, int]:
+        """The threshold of each category, overrides applied."""
+        overrides = {
+            "Hate": self.threshold_hate,
+            "SelfHarm": self.threshold_self_harm,
+            "Sexual": self.threshold_sexual,
+            "Violence": self.threshold_violence,
+        }
+        return {name: self.threshold if value is None else value for name, value in overrides.items()}
 
 
 _S = TypeVar("_S", bound=BaseSettings)

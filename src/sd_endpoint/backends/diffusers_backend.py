@@ -142,11 +142,11 @@ class DiffusersBackend:
         def step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             nonlocal steps_done
             steps_done = i + 1
+            if on_step is not None:
+                on_step(steps_done, spec.steps)
             if cancel is not None:
                 cancel.steps_done = steps_done
                 cancel.check()  # raises: stops here, before the next UNet call and before the VAE
-            if on_step is not None:
-                on_step(steps_done, spec.steps)
             return kwargs
 
         extra: dict[str, Any] = {}

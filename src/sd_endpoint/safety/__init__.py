@@ -14,4 +14,5 @@ def build_screener(settings: ContentSafetySettings) -> Screener:
         return NullScreener()
     from sd_endpoint.safety.aacs import AzureContentSafetyScreener
 
-    return AzureContentSafetyScreener.from_settings(settings)
+    screener: Screener = AzureContentSafetyScreener.from_settings(settings)
+    return screener

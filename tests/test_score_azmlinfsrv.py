@@ -1,0 +1,157 @@
+"""score.py under the real Azure ML inference server (azmlinfsrv), on loopback, with the tiny model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+MODEL_CARD_SAMPLE = {
+    "input_data": {
+        "columns": ["prompt"],
+        "data": ["a photograph of an astronaut riding a horse"],
+        "index": [0],
+        "parameters": {"num_inference_steps": 50, "guidance_scale": 7.5},
+    }
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # the worker is still in init()
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log_file = tmp_path_factory.mktemp("azmlinfsrv") / "server.log"
+    env = {
+        **os.environ,
+        "AZUREML_MODEL_DIR": str(tiny_model_dir.parent),  # found one level down, as on Azure
+        "SD_ENDPOINT_DEVICE": "cpu",
+        "SD_ENDPOINT_DTYPE": "float32",
+        "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
+        "SD_ENDPOINT_MAX_IMAGES_PER_REQUEST": "4",
+        "AML_APP_ROOT": str(REPO),
+        "WORKER_COUNT": "1",
+    }
+    exe = shutil.which("azmlinfsrv", path=str(Path(sys.executable).parent)) or "azmlinfsrv"
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(
+            [exe, "--entry_script", str(REPO / "score.py"), "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until_up(f"http://127.0.0.1:{port}/", proc)
+            yield f"http://127.0.0.1:{port}"
+        except BaseException:
+            print(log_file.read_text(errors="replace")[-5000:])
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    server_log = log_file.read_text(errors="replace")
+    assert "astronaut" not in server_log  # prompts stay out of the logs by default
+
+
+pytestmark = pytest.mark.slow
+
+
+def test_liveness(azmlinfsrv: str) -> None:
+    r = requests.get(f"{azmlinfsrv}/", timeout=10)
+    assert r.status_code == 200 and "Healthy" in r.text
+
+
+def test_model_card_sample(azmlinfsrv: str) -> None:
+    r = requests.post(f"{azmlinfsrv}/score", json=MODEL_CARD_SAMPLE, headers={"x-request-id": "req-123"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-request-id"] == "req-123"
+    assert float(r.headers["x-ms-run-fn-exec-ms"]) > 0
+    (record,) = r.json()
+    assert record["prompt"] == "a photograph of an astronaut riding a horse"
+    assert record["nsfw_content_detected"] is None
+    assert record["index"] == 0 and isinstance(record["seed"], int)
+    image = Image.open(io.BytesIO(base64.b64decode(record["generated_image"])))
+    assert image.format == "PNG" and image.size == (768, 768)
+
+
+def test_row_objects_and_seed_reproduce(azmlinfsrv: str) -> None:
+    body = {
+        "input_data": {
+            "columns": ["prompt", "negative_prompt"],
+            "data": [{"prompt": "a horse", "negative_prompt": "blurry"}, {"prompt": "a bike"}],
+        },
+        "parameters": {"num_inference_steps": 3, "height": 64, "width": 64, "seed": 5},
+    }
+    first = requests.post(f"{azmlinfsrv}/score", json=body, timeout=60).json()
+    again = requests.post(f"{azmlinfsrv}/score", json=body, timeout=60).json()
+    assert [r["prompt"] for r in first] == ["a horse", "a bike"]
+    assert first == again
+
+
+@pytest.mark.parametrize(
+    ("data", "headers", "status", "fragment"),
+    [
+        (b"{not json", {}, 400, "not valid JSON"),
+        (b"[1, 2]", {}, 400, "must be a JSON object"),
+        (b'{"input_data": {"data": []}}', {}, 400, "at least one row"),
+        (b'{"input_data": {"data": ["a"]}, "parameters": {"guidence_scale": 3}}', {}, 400, "unknown field"),
+        (b'{"input_data": {"data": ["a","b","c","d","e"]}}', {}, 400, "the limit is 4"),
+        (b'{"input_data": {"data": ["a"]}, "parameters": {"height": 100}}', {}, 400, "multiple of 8"),
+        (b'{"input_data": {"data": ["a"]}}', {"Content-Type": "text/plain"}, 415, "application/json"),
+    ],
+)
+def test_bad_requests_get_4xx_with_message(
+    azmlinfsrv: str, data: bytes, headers: dict[str, str], status: int, fragment: str
+) -> None:
+    r = requests.post(
+        f"{azmlinfsrv}/score", data=data, headers={"Content-Type": "application/json", **headers}, timeout=30
+    )
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["message"]
+    assert r.headers["x-ms-run-function-failed"] == "False"
+
+
+def test_get_on_score_is_405(azmlinfsrv: str) -> None:
+    r = requests.get(f"{azmlinfsrv}/score", timeout=10)
+    assert r.status_code == 405
+    assert "POST" in r.json()["message"]
+
+
+def test_long_request_id_is_431(azmlinfsrv: str) -> None:
+    r = requests.post(f"{azmlinfsrv}/score", json=MODEL_CARD_SAMPLE, headers={"x-request-id": "x" * 101}, timeout=10)
+    assert r.status_code == 431
