@@ -109,9 +109,7 @@ def build_demo_pipeline(*, full_size: bool = False, seed: int = 0, cache_dir: Pa
     )
 
 
-def write_demo_model(
-    out_dir: Path, *, full_size: bool = False, seed: int = 0, cache_dir: Path | None = None
-) -> Path:
+def write_demo_model(out_dir: Path, *, full_size: bool = False, seed: int = 0, cache_dir: Path | None = None) -> Path:
     """Save the demo pipeline as a diffusers folder (fp16 safetensors for the full-size one)."""
     import torch
 

@@ -15,6 +15,7 @@ import logging
 import re
 import struct
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,11 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SEARCH_DEPTH = 3
+# Where an original-format (LDM) SD 2.x checkpoint keeps each part's weights.
+_LDM_UNET = "model.diffusion_model."
+_LDM_VAE = "first_stage_model."
+_LDM_TEXT = "cond_stage_model.model."
+_RESBLOCK = re.compile(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -127,8 +133,7 @@ def check_diffusers_folder(path: Path) -> dict[str, Any]:
     for comp in REQUIRED_COMPONENTS:
         if comp not in index or (path / comp).is_dir() is False:
             raise ModelLoadError(
-                f"{path}: the '{comp}' component is missing (expected a '{comp}/' folder listed in "
-                "model_index.json)."
+                f"{path}: the '{comp}' component is missing (expected a '{comp}/' folder listed in model_index.json)."
             )
     unet_cfg = _read_json(path / "unet" / "config.json")
     text_cfg = _read_json(path / "text_encoder" / "config.json")
@@ -205,24 +210,117 @@ def check_safetensors(file: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def _checkpoint_family(file: Path) -> None:
-    """Refuse SD 1.x and SDXL single-file checkpoints by their tensor names."""
+def _checkpoint_family(file: Path, shapes: Mapping[str, tuple[int, ...]], config_dir: Path) -> None:
+    """Refuse checkpoints that are not SD 2.x text-to-image, saying what was found instead.
+
+    ``shapes`` maps tensor names to shapes (see ``_checkpoint_shapes``); widths are compared with the
+    configs in ``config_dir``, the ones the pipeline will be built from.
+    """
+    names = list(shapes)
+    expected = "expected an original-format SD 2.x checkpoint such as v2-1_768-ema-pruned.safetensors"
+
+    def has(prefix: str) -> bool:
+        return any(n.startswith(prefix) for n in names)
+
+    if has("conditioner.embedders."):
+        raise ModelLoadError(
+            f"{file}: this is an SDXL checkpoint (found conditioner.embedders.*, SDXL's two text encoders); "
+            f"sd-endpoint serves Stable Diffusion 2.x: {expected}."
+        )
+    if has("cond_stage_model.transformer."):
+        raise ModelLoadError(
+            f"{file}: this is a Stable Diffusion 1.x checkpoint (found cond_stage_model.transformer.*, OpenAI's "
+            f"CLIP ViT-L text encoder); {expected}, whose OpenCLIP-H text encoder is cond_stage_model.model.*."
+        )
+    parts = {"UNet": _LDM_UNET, "VAE": _LDM_VAE, "text encoder": _LDM_TEXT}
+    missing = [f"{part} ({prefix}*)" for part, prefix in parts.items() if not has(prefix)]
+    if missing:
+        if any(n.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.", "encoder.layers.")) for n in names):
+            raise ModelLoadError(
+                f"{file}: this holds one model component in diffusers format (tensor names like {names[0]!r}), "
+                f"not a whole checkpoint; point SD_ENDPOINT_MODEL at the diffusers folder it came from, or {expected}."
+            )
+        seen = sorted({n.split(".")[0] for n in names})[:6]
+        raise ModelLoadError(
+            f"{file}: no {', no '.join(missing)} weights; found tensors under {', '.join(seen) or 'nothing'}; "
+            f"{expected}."
+        )
+
+    unet_cfg = _read_json(config_dir / "unet" / "config.json")
+    text_cfg = _read_json(config_dir / "text_encoder" / "config.json")
+    in_shape = shapes.get(_LDM_UNET + "input_blocks.0.0.weight")
+    want_in = unet_cfg.get("in_channels", 4)
+    if in_shape is not None and len(in_shape) == 4 and in_shape[1] != want_in:
+        kind = {9: "an inpainting model", 5: "a depth-to-image model", 7: "the x4 upscaler"}.get(in_shape[1], "")
+        raise ModelLoadError(
+            f"{file}: the UNet takes {in_shape[1]} input channels{f' ({kind})' if kind else ''}; sd-endpoint "
+            f"serves text-to-image SD 2.x, whose UNet takes {want_in}."
+        )
+    context = next((s for n, s in shapes.items() if n.startswith(_LDM_UNET) and n.endswith("attn2.to_k.weight")), None)
+    want_context = unet_cfg.get("cross_attention_dim")
+    if context is not None and len(context) == 2 and context[1] != want_context:
+        hint = " (SD 1.x's width)" if context[1] == 768 else " (SDXL's width)" if context[1] == 2048 else ""
+        raise ModelLoadError(
+            f"{file}: the UNet's cross-attention reads {context[1]}-wide text features{hint}; SD 2.x reads "
+            f"{want_context}-wide OpenCLIP-H features; {expected}."
+        )
+    width = shapes.get(_LDM_TEXT + "token_embedding.weight")
+    if width is not None and len(width) == 2 and width[1] != text_cfg.get("hidden_size"):
+        raise ModelLoadError(
+            f"{file}: the text encoder is {width[1]} wide; SD 2.x's OpenCLIP-H is {text_cfg.get('hidden_size')}."
+        )
+    blocks = {int(m.group(1)) for n in names if (m := _RESBLOCK.match(n))}
+    want_blocks = int(text_cfg.get("num_hidden_layers", 0))
+    if len(blocks) < want_blocks:
+        raise ModelLoadError(
+            f"{file}: the text encoder has {len(blocks)} transformer blocks; SD 2.x needs at least {want_blocks} "
+            "(it reads OpenCLIP-H's penultimate block)."
+        )
+
+
+def _checkpoint_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a single-file checkpoint, read without loading its weights."""
     if file.suffix == ".safetensors":
-        names = check_safetensors(file)
-    else:
-        return  # a .ckpt is only read once, by diffusers (weights-only unpickling)
-    if any(n.startswith("conditioner.embedders") for n in names):
-        raise ModelLoadError(f"{file}: this is an SDXL checkpoint; expected SD 2.x (e.g. v2-1_768-ema-pruned).")
-    if any(n.startswith("cond_stage_model.transformer.") for n in names):
+        check_safetensors(file)  # header and size first: a truncated file gets a clear message
+        with file.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_len))
+        return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    return _ckpt_shapes(file)
+
+
+def _ckpt_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Unpickle a .ckpt with torch's weights-only unpickler, which refuses any code or class reference.
+
+    diffusers opens the file again the same way (weights_only=True); this first pass turns its refusals
+    into messages and lets a .ckpt be checked like a .safetensors. Memory-mapped, so no weight is read.
+    """
+    import zipfile
+
+    import torch
+
+    zipped = zipfile.is_zipfile(file)  # torch.save's format since 1.6; only it can be memory-mapped
+    try:
+        data: Any = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except Exception as exc:  # untrusted input: every failure becomes a ModelLoadError
+        text = str(exc)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
+            raise ModelLoadError(
+                f"{file}: refused: the pickle references {refused.group(1)}, which weights-only unpickling does "
+                "not allow (a checkpoint must hold only tensors and plain data; sd-endpoint never runs code from "
+                "one). Use the .safetensors version of the checkpoint."
+            ) from None
+        reason = " ".join(text.split())[:200] or type(exc).__name__
         raise ModelLoadError(
-            f"{file}: this is a Stable Diffusion 1.x checkpoint (CLIP ViT-L text encoder); expected SD 2.x, "
-            "whose text encoder is OpenCLIP (cond_stage_model.model.*)."
-        )
-    if not any(n.startswith("cond_stage_model.model.") for n in names):
-        raise ModelLoadError(
-            f"{file}: no SD 2.x text encoder weights (cond_stage_model.model.*) in the checkpoint; expected "
-            "an original-format SD 2.1 checkpoint such as v2-1_768-ema-pruned.safetensors."
-        )
+            f"{file}: cannot read it as a PyTorch checkpoint with weights-only unpickling ({reason}); it may be "
+            "corrupt or truncated, or not a checkpoint."
+        ) from None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]  # PyTorch Lightning keeps the weights under "state_dict"
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file}: holds a {type(data).__name__}, not a state dict of tensors.")
+    return {str(k): tuple(v.shape) for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,39 +432,69 @@ def _variant(folder: Path) -> str | None:
     return None
 
 
-def _load_single_file(file: Path, cache_dir: Path, common: dict[str, Any]) -> Any:
+def _load_single_file(file: Path, cache_dir: Path, common: dict[str, Any], config_dir: Path | None = None) -> Any:
+    """Build the pipeline from an original-format SD 2.x checkpoint, offline, with SD 2.1's packaged configs.
+
+    ``config_dir`` replaces those configs with another diffusers folder's (its weights are not read); tests
+    use it to load tiny checkpoints.
+    """
     from diffusers import StableDiffusionPipeline
 
-    _checkpoint_family(file)
-    config_dir = single_file_config_dir(cache_dir)
-    from sd_endpoint.model.demo import sd21_config_dir
+    config = config_dir if config_dir is not None else single_file_config_dir(cache_dir)
+    _checkpoint_family(file, _checkpoint_shapes(file), config)
+    # config= alone, not original_config= (the yaml): from the yaml diffusers would derive the UNet config and
+    # lose upcast_attention, which SD 2.1 needs in fp16; the diffusers configs carry it.
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(file), config=str(config), local_files_only=True, **common)
+    except NotImplementedError as exc:
+        if "meta tensor" not in str(exc):
+            raise
+        # diffusers leaves the UNet/VAE weights a checkpoint lacks on the meta device, then fails to move them.
+        raise ModelLoadError(
+            f"{file}: the checkpoint lacks UNet or VAE weights that SD 2.x has; expected a complete SD 2.x "
+            "checkpoint such as v2-1_768-ema-pruned.safetensors."
+        ) from exc
+    _check_no_missing_weights(file, pipe)
+    return pipe
 
-    return StableDiffusionPipeline.from_single_file(
-        str(file),
-        config=str(config_dir),
-        original_config=str(sd21_config_dir() / "v2-inference-v.yaml"),
-        local_files_only=True,
-        **common,
-    )
+
+def _check_no_missing_weights(file: Path, pipe: Any) -> None:
+    """Weights absent from the checkpoint stay on the meta device (the text encoder's do); name them."""
+    for component in ("unet", "vae", "text_encoder"):
+        missing = [n for n, p in getattr(pipe, component).named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ModelLoadError(
+                f"{file}: the checkpoint lacks {len(missing)} {component} weights (e.g. "
+                f"{', '.join(missing[:3])}); expected a complete SD 2.x checkpoint."
+            )
 
 
 def single_file_config_dir(cache_dir: Path) -> Path:
-    """SD 2.1's configs plus the generated tokenizer files: what from_single_file needs offline."""
+    """SD 2.1's packaged configs plus the generated tokenizer files: all from_single_file needs, offline.
+
+    Built once into the cache, in a folder named by the packaged files' hash so an upgrade rebuilds it.
+    """
+    import hashlib
     import shutil
 
     from sd_endpoint.model.demo import sd21_config_dir
     from sd_endpoint.model.tokenizer import cached_tokenizer_dir
 
-    target = cache_dir / "sd21-config"
+    source = sd21_config_dir()
+    digest = hashlib.sha256()
+    for f in sorted(p for p in source.rglob("*") if p.is_file()):
+        digest.update(f.relative_to(source).as_posix().encode() + b"\0" + f.read_bytes())
+    target = cache_dir / f"sd21-config-{digest.hexdigest()[:12]}"
     if (target / "tokenizer" / "merges.txt").is_file():
         return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache_dir / f".sd21-config-{time.monotonic_ns()}"
-    shutil.copytree(sd21_config_dir(), tmp)
+    shutil.copytree(source, tmp)
     tok = cached_tokenizer_dir(cache_dir)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(tok / name, tmp / "tokenizer" / name)
     try:
         tmp.rename(target)
-    except OSError:
+    except OSError:  # built concurrently by another worker
         shutil.rmtree(tmp, ignore_errors=True)
     return target
