@@ -14,12 +14,14 @@ fi
 command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found (set PYTHON=...)" >&2; exit 1; }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+# This workplace's pip config names local indexes that may be absent; pip warns once per package.
+quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2); }
 echo "setup: installing torch (CPU build) ..." >&2
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu on machines whose pip has no local CPU wheel.
-$pip -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
+quiet $pip -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
 echo "setup: installing sd-endpoint and its dependencies ..." >&2
-$pip -c constraints.txt -e ".[azureml,dev]"
+quiet $pip -c constraints.txt -e ".[azureml,dev]"
 # open-clip-torch only provides the CLIP BPE vocabulary file; its own deps (torchvision, timm) are not needed.
-$pip -c constraints.txt --no-deps open-clip-torch
+quiet $pip -c constraints.txt --no-deps open-clip-torch
 echo "$want" > "$stamp"
 echo "setup: done ($VENV)" >&2

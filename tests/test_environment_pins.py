@@ -1,0 +1,123 @@
+"""The GPU environments' pins (environment/) against the one source of truth (constraints.txt, pyproject.toml)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tomllib
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = REPO / "environment"
+
+
+def pins(path: Path) -> dict[str, Version]:
+    """name -> version of every requirement line; each must be an exact pin."""
+    out: dict[str, Version] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", f"{path.name}: {line!r} is not an exact pin"
+        name = canonicalize_name(req.name)
+        assert name not in out, f"{path.name}: {req.name} is pinned twice"
+        out[name] = Version(specs[0].version)
+    return out
+
+
+def pyproject() -> dict[str, object]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def requirements(group: str | None = None) -> list[Requirement]:
+    project = pyproject()["project"]
+    assert isinstance(project, dict)
+    items = project["dependencies"] if group is None else project["optional-dependencies"][group]
+    return [Requirement(r) for r in items]
+
+
+CPU = pins(REPO / "constraints.txt")
+GPU = pins(ENV / "constraints-gpu.txt")
+
+
+def test_gpu_pins_never_contradict_the_tested_set() -> None:
+    both = sorted(set(CPU) & set(GPU))
+    assert [(n, CPU[n], GPU[n]) for n in both if CPU[n] != GPU[n]] == []
+    # torch's version comes only from constraints.txt (the image takes its CUDA build of the same version).
+    assert "torch" in CPU and "torch" not in GPU
+
+
+def test_gpu_extra_is_pinned_within_pyproject_ranges() -> None:
+    gpu = requirements("gpu")
+    assert {canonicalize_name(r.name) for r in gpu} == {"deepspeed", "deepspeed-mii"}
+    for req in gpu:
+        version = GPU[canonicalize_name(req.name)]
+        assert req.specifier.contains(version, prereleases=True), (req, version)
+
+
+def test_every_declared_dependency_is_pinned_within_its_range() -> None:
+    for req in requirements() + requirements("azureml") + requirements("dev"):
+        name = canonicalize_name(req.name)
+        assert name in CPU, f"{req.name} has no pin in constraints.txt"
+        assert req.specifier.contains(CPU[name], prereleases=True), (str(req), str(CPU[name]))
+
+
+def test_conda_environment_takes_every_version_from_the_pins() -> None:
+    conda = yaml.safe_load((ENV / "conda.yaml").read_text())
+    deps = conda["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    assert python == "python=3.11"
+    # The same minor version everywhere: requires-python allows it, mypy checks for it, the torch wheel is cp311.
+    project = pyproject()["project"]
+    assert isinstance(project, dict)
+    from packaging.specifiers import SpecifierSet
+
+    assert SpecifierSet(project["requires-python"]).contains("3.11")
+    assert pyproject()["tool"]["mypy"]["python_version"] == "3.11"  # type: ignore[index]
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    assert "-c ../constraints.txt" in pip and "-c constraints-gpu.txt" in pip
+    assert "..[azureml,gpu]" in pip
+    assert (ENV / "../constraints.txt").resolve().is_file() and (ENV / "../pyproject.toml").resolve().is_file()
+    # No version is written here: a pin in two places drifts.
+    assert not [line for line in pip if re.search(r"[=<>~]=", line)]
+    index = next(line for line in pip if line.startswith("--extra-index-url"))
+    assert index.endswith("/whl/cu128")
+
+
+def test_dockerfiles_build_the_same_model_environment() -> None:
+    online = (ENV / "Dockerfile").read_text()
+    batch = (ENV / "Dockerfile.batch").read_text()
+    base = re.compile(r"^ARG BASE_IMAGE=(\S+)$", re.M)
+    assert (
+        base.findall(online)
+        == base.findall(batch)
+        == ["mcr.microsoft.com/azureml/openmpi5.0-cuda12.8-ubuntu24.04:latest"]
+    )
+    # The base image's CUDA toolkit matches the torch build conda.yaml asks for (DeepSpeed compiles with it).
+    assert "cuda12.8" in base.findall(online)[0] and "cu128" in (ENV / "conda.yaml").read_text()
+    for text in (online, batch):
+        assert 'conda env create -p "$SD_ENDPOINT_ENV" -f environment/conda.yaml' in text
+        assert "SD_ENDPOINT_ENV=/opt/conda-envs/sd-endpoint" in text
+    assert 'CMD ["/usr/local/bin/sd-endpoint-entrypoint"]' in online and "EXPOSE 5001" in online
+
+
+def test_batch_driver_environment_is_separate_and_pinned() -> None:
+    driver = pins(ENV / "batch-driver.txt")
+    assert set(driver) == {"azureml-core", "azureml-dataset-runtime"}
+    # Not in the model environment: their pins contradict it (see environment/batch-driver.txt).
+    assert not set(driver) & (set(CPU) | set(GPU))
+    batch = (ENV / "Dockerfile.batch").read_text()
+    assert '"$BATCH_DRIVER_ENV/bin/pip" install -r environment/batch-driver.txt' in batch
+    assert "SD_ENDPOINT_BATCH_PYTHON=/opt/conda-envs/sd-endpoint/bin/python" in batch
+    assert "PATH=/opt/conda-envs/azureml-batch-driver/bin:$PATH" in batch
+
+
+def test_setup_script_installs_through_the_same_constraints() -> None:
+    setup = (REPO / "scripts/setup.sh").read_text()
+    assert "-c constraints.txt" in setup
