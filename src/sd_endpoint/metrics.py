@@ -41,6 +41,12 @@ QUEUED = Gauge("sd_requests_queued", "Requests waiting for a generation slot.", 
 BATCH_SIZE = Histogram(
     "sd_batch_size_images", "Images per pipeline call.", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=REGISTRY
 )
+BATCH_REQUESTS = Histogram(
+    "sd_batch_size_requests",
+    "Requests merged into one pipeline call.",
+    buckets=(1, 2, 3, 4, 6, 8, 16),
+    registry=REGISTRY,
+)
 IMAGES = Counter("sd_images_generated_total", "Images generated.", registry=REGISTRY)
 STEPS = Counter("sd_denoising_steps_total", "Denoising steps run (per pipeline call).", registry=REGISTRY)
 STEPS_PER_SECOND = Gauge(
@@ -66,11 +72,15 @@ SCREENING_SKIPPED = Counter(
 SCREENING_CALLS = Counter(
     "sd_content_safety_calls_total",
     "Calls to Azure AI Content Safety by kind (text, image) and outcome (ok or the failure class).",
-    ["kind", "outcome"], registry=REGISTRY,
+    ["kind", "outcome"],
+    registry=REGISTRY,
 )
 SCREENING_CALL_SECONDS = Histogram(
-    "sd_content_safety_call_seconds", "Latency of one Content Safety call, retries included.", ["kind"],
-    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    "sd_content_safety_call_seconds",
+    "Latency of one Content Safety call, retries included.",
+    ["kind"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
 )
 SCREENING_IMAGES_ADAPTED = Counter(
     "sd_content_safety_images_adapted_total",

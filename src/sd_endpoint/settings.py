@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     backend: Literal["auto", "diffusers", "deepspeed"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the UNet (warmed up at start-up).")
     warmup: bool = Field(default=True, description="Run one small generation before reporting ready.")
+    warm_shapes: Annotated[list[tuple[int, int, int]], NoDecode] = Field(
+        default_factory=lambda: [(768, 768, 1)],
+        description="HEIGHTxWIDTH[xBATCH],...: the shapes captured (DeepSpeed CUDA graphs) or compiled "
+        "(SD_ENDPOINT_COMPILE) at start-up; other shapes run on the plain eager path.",
+    )
+    cuda_graphs: bool = Field(
+        default=True, description="On CUDA, replay the UNet of each warm shape as a CUDA graph (diffusers path)."
+    )
     cache_dir: Path = Field(
         default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-endpoint",
         description="Where the demo model and generated tokenizer files are built once.",
@@ -69,6 +77,11 @@ class Settings(BaseSettings):
     )
     max_concurrent_requests: int = Field(default=2, ge=1)
     max_queue_wait_ms: int = Field(default=500, ge=0)
+    max_queued_requests: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests that may wait for a slot; default SD_ENDPOINT_MAX_CONCURRENT_REQUESTS (Azure's 2x).",
+    )
     request_timeout_ms: int = Field(
         default=85_000, ge=100, description="Below the deployment's request_timeout_ms (90000)."
     )
@@ -83,6 +96,22 @@ class Settings(BaseSettings):
     @classmethod
     def _keys_csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @field_validator("warm_shapes", mode="before")
+    @classmethod
+    def _warm_shapes_csv(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        shapes = []
+        for part in _split_csv(value):
+            dims = part.lower().split("x")
+            if len(dims) not in (2, 3) or not all(d.strip().isdigit() for d in dims):
+                raise ValueError(f"{part!r} is not HEIGHTxWIDTH or HEIGHTxWIDTHxBATCH (e.g. 768x768x2)")
+            h, w, b = (int(d) for d in (dims if len(dims) == 3 else [*dims, "1"]))
+            if h % 8 or w % 8 or h < 64 or w < 64 or b < 1:
+                raise ValueError(f"{part!r}: height and width must be multiples of 8 and at least 64, batch >= 1")
+            shapes.append((h, w, b))
+        return shapes
 
     @field_validator("device")
     @classmethod
