@@ -185,7 +185,7 @@ def test_bad_input_is_a_named_400(body: Any, expected: str) -> None:
 
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_numbers_are_refused(constant: str) -> None:
-    body = '{"input_data": {"data": ["a"]}, "parameters": {"guidance_scale": %s}}' % constant
+    body = '{"input_data": {"data": ["a"]}, "parameters": {"guidance_scale": ' + constant + "}}"
     with pytest.raises(InvalidRequest, match="not a number JSON allows"):
         parse(body)
 

@@ -76,7 +76,7 @@ def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.T
             wait_until_up(f"http://127.0.0.1:{port}/", proc)
             yield f"http://127.0.0.1:{port}"
         except BaseException:
-            print(log_file.read_text(errors="replace")[-5000:])
+            sys.stderr.write(log_file.read_text(errors="replace")[-5000:])
             raise
         finally:
             proc.terminate()

@@ -206,7 +206,7 @@ class ScriptedScreener:
 
     def screen_images(self, images: Sequence[bytes]) -> list[Verdict]:
         out = []
-        for data in images:
+        for _ in images:
             blocked = self.images_seen in self.block_images
             self.images_seen += 1
             out.append(Verdict("image", blocked, {"Sexual": 6 if blocked else 0}, {"Sexual": 6} if blocked else {}))

@@ -41,8 +41,12 @@ class Settings(BaseSettings):
         description="Set by Azure ML: the folder the registered model is mounted in.",
     )
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    backend: Literal["auto", "diffusers", "deepspeed"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="'auto': fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."
+    )
+    backend: Literal["auto", "diffusers", "deepspeed"] = Field(
+        default="auto", description="'auto': DeepSpeed kernels when CUDA+DeepSpeed pass a self-check, else diffusers."
+    )
     compile: bool = Field(default=False, description="torch.compile the UNet (warmed up at start-up).")
     warmup: bool = Field(default=True, description="Run one small generation before reporting ready.")
     warm_shapes: Annotated[list[tuple[int, int, int]], NoDecode] = Field(
@@ -59,24 +63,26 @@ class Settings(BaseSettings):
     )
 
     # --- request limits ----------------------------------------------------------------------
-    max_images_per_request: int = Field(default=8, ge=1, le=64)
+    max_images_per_request: int = Field(default=8, ge=1, le=64, description="Rows x num_images_per_prompt cap.")
     max_pixels: int = Field(default=1024 * 1024, ge=64 * 64, description="Cap on height*width.")
-    max_steps: int = Field(default=150, ge=1, le=1000)
-    max_prompt_chars: int = Field(default=20_000, ge=1)
-    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    max_steps: int = Field(default=150, ge=1, le=1000, description="Upper bound of num_inference_steps.")
+    max_prompt_chars: int = Field(default=20_000, ge=1, description="Longest prompt or negative prompt accepted.")
+    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies get 413.")
     default_height: int | None = Field(default=None, description="Default: the model's native size.")
-    default_width: int | None = None
-    default_steps: int = Field(default=50, ge=1)
-    default_guidance_scale: float = 7.5
+    default_width: int | None = Field(default=None, description="Default: the model's native size.")
+    default_steps: int = Field(default=50, ge=1, description="num_inference_steps when a request gives none.")
+    default_guidance_scale: float = Field(default=7.5, description="guidance_scale when a request gives none.")
 
     # --- serving -----------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(default=5001, ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", description="Address `sd-endpoint serve` binds (0.0.0.0 in containers).")
+    port: int = Field(default=5001, ge=1, le=65535, description="Port of `sd-endpoint serve` (Azure's 5001).")
     keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Comma-separated API keys (primary,secondary)."
     )
-    max_concurrent_requests: int = Field(default=2, ge=1)
-    max_queue_wait_ms: int = Field(default=500, ge=0)
+    max_concurrent_requests: int = Field(
+        default=2, ge=1, description="Requests generating at once; match max_concurrent_requests_per_instance."
+    )
+    max_queue_wait_ms: int = Field(default=500, ge=0, description="Longest wait for a slot before 429.")
     max_queued_requests: int | None = Field(
         default=None,
         ge=0,
@@ -85,12 +91,12 @@ class Settings(BaseSettings):
     request_timeout_ms: int = Field(
         default=85_000, ge=100, description="Below the deployment's request_timeout_ms (90000)."
     )
-    max_batch_size: int = Field(default=4, ge=1)
-    batch_wait_ms: int = Field(default=10, ge=0)
-    shutdown_grace_s: float = Field(default=30.0, ge=0)
-    log_prompts: bool = False
-    log_format: Literal["text", "json"] = "text"
-    log_level: str = "INFO"
+    max_batch_size: int = Field(default=4, ge=1, description="Images per micro-batched pipeline call (1: off).")
+    batch_wait_ms: int = Field(default=10, ge=0, description="How long a batch waits for batch-mates.")
+    shutdown_grace_s: float = Field(default=30.0, ge=0, description="On SIGTERM, time to finish in-flight requests.")
+    log_prompts: bool = Field(default=False, description="Log prompt text (off: prompts never reach the logs).")
+    log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per line.")
+    log_level: str = Field(default="INFO", description="Python logging level.")
 
     @field_validator("keys", mode="before")
     @classmethod
@@ -137,16 +143,24 @@ class ContentSafetySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CONTENT_SAFETY_", extra="ignore", populate_by_name=True)
 
-    endpoint: str | None = None
-    key: SecretStr | None = None
+    endpoint: str | None = Field(
+        default=None, description="Azure AI Content Safety endpoint; setting it turns screening on."
+    )
+    key: SecretStr | None = Field(default=None, description="Resource key; without it, Entra ID via managed identity.")
     # Thresholds run from 1 (0 would block everything) to 7 (the top of the eight-level scale).
     threshold: int = Field(
         default=2, ge=1, le=7, description="A category blocks at severity >= threshold (0/2/4/6 scale)."
     )
-    fail_open: bool = False
-    uai_client_id: str | None = Field(default=None, validation_alias=AliasChoices("UAI_CLIENT_ID"))
+    fail_open: bool = Field(default=False, description="Answer unscreened (nsfw null) when screening fails; else 503.")
+    uai_client_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("UAI_CLIENT_ID"),
+        description="Client id of a user-assigned managed identity for the token.",
+    )
     # Per-category overrides of `threshold`.
-    threshold_hate: int | None = Field(default=None, ge=1, le=7)
+    threshold_hate: int | None = Field(
+        default=None, ge=1, le=7, description="Per-category override of CONTENT_SAFETY_THRESHOLD."
+    )
     threshold_self_harm: int | None = Field(
         default=None,
         validation_alias=AliasChoices(
@@ -154,9 +168,14 @@ class ContentSafetySettings(BaseSettings):
         ),
         ge=1,
         le=7,
+        description="Per-category override of CONTENT_SAFETY_THRESHOLD (also ..._SELFHARM).",
     )
-    threshold_sexual: int | None = Field(default=None, ge=1, le=7)
-    threshold_violence: int | None = Field(default=None, ge=1, le=7)
+    threshold_sexual: int | None = Field(
+        default=None, ge=1, le=7, description="Per-category override of CONTENT_SAFETY_THRESHOLD."
+    )
+    threshold_violence: int | None = Field(
+        default=None, ge=1, le=7, description="Per-category override of CONTENT_SAFETY_THRESHOLD."
+    )
     blocklists: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated blocklist names passed to every text call."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from sd_endpoint.backends.base import Backend, BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.settings import Settings
@@ -13,9 +14,8 @@ __all__ = ["Backend", "BatchResult", "CancelToken", "GenerationSpec", "ImageTask
 
 
 def create_backend(settings: Settings) -> Backend:
-    """Resolve and load the model, then wrap it in the configured backend."""
-    from sd_endpoint.backends.diffusers_backend import DiffusersBackend
-    from sd_endpoint.model.loader import choose_placement, load_pipeline, resolve_source
+    """Resolve and load the model, then wrap it in the backend the settings ask for (see selection.py)."""
+    from sd_endpoint.model.loader import resolve_source
 
     source = resolve_source(settings)
     if source.kind == "demo":
@@ -26,7 +26,20 @@ def create_backend(settings: Settings) -> Backend:
         )
     else:
         log.info("Model: %s (%s)", source.location, source.reason)
-    placement = choose_placement(settings)
+    from sd_endpoint.backends.selection import build_backend
+    from sd_endpoint.model.loader import choose_placement, load_pipeline
+
+    placement = choose_placement(settings)  # imports torch
     log.info("Device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
+    if source.kind == "diffusers":
+        # Start reading into the final tensors now, while diffusers and transformers import.
+        from sd_endpoint.backends.diffusers_backend import wants_channels_last
+        from sd_endpoint.model.fast_load import start_load
+        from sd_endpoint.model.loader import _variant
+
+        folder = Path(source.location)
+        device_type = placement.device.split(":")[0]
+        nhwc = wants_channels_last(device_type, placement.dtype_name)
+        start_load(folder, placement.device, placement.dtype_name, _variant(folder), channels_last=nhwc)
     pipe = load_pipeline(source, placement, settings.cache_dir)
-    return DiffusersBackend(pipe, placement_reason=placement.reason, source=f"{source.kind}:{source.location}")
+    return build_backend(settings, pipe, placement_reason=placement.reason, source=f"{source.kind}:{source.location}")

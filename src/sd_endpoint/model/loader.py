@@ -397,9 +397,11 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
             folder = Path(location)
             check_diffusers_folder(folder)
             variant = _variant(folder)
-            pipe = StableDiffusionPipeline.from_pretrained(
-                str(folder), local_files_only=True, variant=variant, **common
-            )
+            pipe = _load_folder_fast(folder, placement, variant)
+            if pipe is None:
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(folder), local_files_only=True, variant=variant, **common
+                )
         elif source.kind == "single_file":
             pipe = _load_single_file(Path(location), cache_dir, common)
         else:
@@ -408,7 +410,7 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
         raise
     except Exception as exc:  # library errors: name the path and keep the library's words
         raise ModelLoadError(f"{location}: could not load the model: {type(exc).__name__}: {exc}") from exc
-    pipe.to(placement.device)
+    pipe.to(placement.device)  # a no-op for the fast loader, which loads to the device directly
     pipe.set_progress_bar_config(disable=True)
     log.info(
         "Loaded %s model from %s in %.1f s on %s as %s (%s)",
@@ -420,6 +422,17 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
         placement.reason,
     )
     return pipe
+
+
+def _load_folder_fast(folder: Path, placement: Placement, variant: str | None) -> Any:
+    """The fast loader (model/fast_load.py), or None when the folder needs from_pretrained's conversions."""
+    from sd_endpoint.model.fast_load import FastLoadUnsupported, load_folder
+
+    try:
+        return load_folder(folder, placement.device, placement.dtype_name, variant)
+    except FastLoadUnsupported as exc:
+        log.info("Loading with from_pretrained instead of the fast loader: %s", exc)
+        return None
 
 
 def _variant(folder: Path) -> str | None:

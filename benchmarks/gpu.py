@@ -1,0 +1,328 @@
+"""GPU throughput of each backend at 768x768: DDIM 50 and DPM-Solver++ 25, batch 1, 2 and 4.
+
+Configurations, each loaded fresh (fast loader, fp16) and measured after its own warm-up:
+
+* ``diffusers fp16 (plain)``: StableDiffusionPipeline as from_pretrained gives it (SDPA), eager: the baseline;
+* ``ours: diffusers``: the service's diffusers path - channels-last, fused QKV, cuDNN autotune, a CUDA graph
+  per warm shape (SD_ENDPOINT_CUDA_GRAPHS);
+* ``ours: diffusers + torch.compile``: the same over a compiled UNet (SD_ENDPOINT_COMPILE; compiled for
+  ``--compile-batches`` only, other batches run eagerly as the service would);
+* ``ours: deepspeed``: SD_ENDPOINT_BACKEND=deepspeed (DeepSpeed kernels, graphs, self-check), or the reason it
+  could not start.
+
+For every cell: seconds per image, images per hour, the fraction of the FLOP floor (4.30 TFLOP per step for
+the two UNet rows of one image plus 5.75 TFLOP for its VAE decode, at the GPU's dense fp16 peak), the peak
+GPU memory of that configuration, and the difference of the seed's image from an fp32 diffusers reference
+(TF32 off), as mean and max absolute pixel difference (0-255). The run is bounded by ``--budget-s``: cells
+not started in time are listed as skipped. It builds the full-size random model when ``--model`` is not given.
+
+    python benchmarks/gpu.py --model /tmp/sd21-full            # on a GPU machine (about 6 minutes on an H100)
+    python benchmarks/gpu.py --dry-run                          # CPU, tiny model: checks the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import DEFAULT_CACHE, full_size_model, machine, print_machine, table
+
+UNET_TFLOP_PER_STEP = 4.30  # one image: conditional + unconditional rows at 768x768 (96x96 latents)
+VAE_TFLOP = 5.75  # decode of one 768x768 image
+PEAKS_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0, "L40S": 362.0}
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, 8k"
+NEGATIVE = "blurry, low quality"
+SEED = 1234
+
+
+@dataclass
+class Cell:
+    config: str
+    scheduler: str
+    steps: int
+    batch: int
+    s_per_image: float | None = None
+    floor_fraction: float | None = None
+    peak_gib: float | None = None
+    pixel_mae: float | None = None
+    pixel_max: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Config:
+    name: str
+    startup_s: float = 0.0
+    note: str = ""
+    cells: list[Cell] = field(default_factory=list)
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, value in PEAKS_TFLOPS.items():  # most specific first
+        if key in name:
+            return value
+    return None
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def load(folder: Path, device: str, dtype: str, cache_dir: Path) -> Any:
+    from sd_endpoint.model.loader import ModelSource, Placement, load_pipeline
+
+    return load_pipeline(ModelSource("diffusers", str(folder), "bench"), Placement(device, dtype, "bench"), cache_dir)
+
+
+def reference_images(args: argparse.Namespace, folder: Path, schedulers: list[tuple[str, int]]) -> dict[str, Any]:
+    """The seed's image from plain diffusers in fp32 (TF32 off), per scheduler."""
+    import numpy as np
+    import torch
+
+    from sd_endpoint.backends.base import GenerationSpec, ImageTask
+    from sd_endpoint.backends.diffusers_backend import DiffusersBackend
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    backend = DiffusersBackend(load(folder, args.device, "float32", args.cache_dir), optimise=False, cuda_graphs=False)
+    out = {}
+    for name, steps in schedulers:
+        spec = GenerationSpec(args.size, args.size, steps, 7.5, name, 0.0)  # type: ignore[arg-type]
+        out[name] = np.asarray(backend.generate(spec, [ImageTask(PROMPT, NEGATIVE, SEED)]).images[0], dtype=float)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    del backend
+    free(args.device)
+    return out
+
+
+def free(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def build(config: str, args: argparse.Namespace, folder: Path, batches: list[int]) -> Any:
+    """The backend for one configuration; raises with the reason when it cannot start."""
+    from sd_endpoint.backends.diffusers_backend import DiffusersBackend
+    from sd_endpoint.backends.selection import build_backend
+    from sd_endpoint.settings import load_settings
+
+    pipe = load(folder, args.device, args.dtype, args.cache_dir)
+    shapes = [(args.size, args.size, b) for b in batches]
+    if config == "diffusers fp16 (plain)":
+        return DiffusersBackend(pipe, optimise=False, cuda_graphs=False)
+    if config == "ours: diffusers":
+        backend = DiffusersBackend(pipe)
+        backend.warm(shapes)
+        return backend
+    if config == "ours: diffusers + torch.compile":
+        backend = DiffusersBackend(pipe, compile=True)
+        backend.warm([(args.size, args.size, b) for b in args.compile_batches if b in batches])
+        return backend
+    if config == "ours: deepspeed":
+        settings = load_settings(
+            model=str(folder),
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=args.cache_dir,
+            backend="deepspeed",
+            warm_shapes=",".join(f"{h}x{w}x{b}" for h, w, b in shapes),
+        )
+        return build_backend(settings, pipe)
+    raise ValueError(config)
+
+
+def measure(
+    backend: Any, args: argparse.Namespace, name: str, steps: int, batch: int, ref: Any, cell: Cell, peak: float | None
+) -> None:
+    import numpy as np
+    import torch
+
+    from sd_endpoint.backends.base import GenerationSpec, ImageTask
+
+    spec = GenerationSpec(args.size, args.size, steps, 7.5, name, 0.0)  # type: ignore[arg-type]
+    tasks = [ImageTask(PROMPT, NEGATIVE, SEED + i) for i in range(batch)]
+    backend.generate(GenerationSpec(args.size, args.size, 2, 7.5, name, 0.0), tasks)  # type: ignore[arg-type]
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(args.device)
+    started = time.perf_counter()
+    result = backend.generate(spec, tasks)
+    sync(args.device)
+    seconds = time.perf_counter() - started
+    cell.s_per_image = seconds / batch
+    if peak and args.size == 768:
+        floor = batch * (steps * UNET_TFLOP_PER_STEP + VAE_TFLOP) / peak
+        cell.floor_fraction = floor / seconds
+    if args.device.startswith("cuda"):
+        cell.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    diff = np.abs(np.asarray(result.images[0], dtype=float) - ref)
+    cell.pixel_mae, cell.pixel_max = float(diff.mean()), float(diff.max())
+    if any(result.notes):
+        cell.note = "; ".join(sorted({n for notes in result.notes for n in notes}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", type=Path, help="Full-size diffusers folder (default: built into the cache).")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--size", type=int, default=768)
+    parser.add_argument("--batches", default="1,2,4")
+    parser.add_argument("--compile-batches", default="1", help="Batches torch.compile is warmed for.")
+    parser.add_argument("--ddim-steps", type=int, default=50)
+    parser.add_argument("--dpm-steps", type=int, default=25)
+    parser.add_argument("--configs", default="plain,diffusers,deepspeed,compile")
+    parser.add_argument("--peak-tflops", type=float, help="Dense fp16 peak, if the GPU is not in the table.")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="No new cell starts after this.")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 64x64, 2 steps: checks the script.")
+    args = parser.parse_args()
+    started = time.perf_counter()
+
+    import torch
+
+    if args.dry_run:
+        from sd_endpoint.model.demo import write_demo_model
+
+        tmp = Path(tempfile.mkdtemp(prefix="gpu-bench-dry-"))
+        folder = write_demo_model(tmp / "tiny", cache_dir=args.cache_dir)
+        args.device, args.dtype, args.size = "cpu", "float32", 64
+        args.ddim_steps = args.dpm_steps = 2
+        args.batches = "1,2"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("No CUDA device: run with --dry-run to check the script on a CPU.")
+        folder = full_size_model(args.model, args.cache_dir)
+        args.device, args.dtype = "cuda", "float16"
+    batches = [int(b) for b in args.batches.split(",")]
+    args.compile_batches = [int(b) for b in args.compile_batches.split(",")]
+    schedulers = [("ddim", args.ddim_steps), ("dpm_solver_multistep", args.dpm_steps)]
+    info = machine()
+    print_machine(info)
+    peak = peak_tflops(info["gpu"], args.peak_tflops) if args.device == "cuda" else None
+    print(
+        f"Model: {folder}; {args.size}x{args.size}, guidance 7.5, batches {batches}; dense fp16 peak "
+        f"{peak or 'unknown'} TFLOP/s; budget {args.budget_s:.0f} s",
+        flush=True,
+    )
+
+    refs = reference_images(args, folder, schedulers)
+    print(f"fp32 references done at {time.perf_counter() - started:.0f} s", flush=True)
+
+    names = {
+        "plain": "diffusers fp16 (plain)",
+        "diffusers": "ours: diffusers",
+        "deepspeed": "ours: deepspeed",
+        "compile": "ours: diffusers + torch.compile",
+    }
+    configs: list[Config] = []
+    for key in args.configs.split(","):
+        config = Config(names[key])
+        configs.append(config)
+        if args.dry_run and key == "compile":
+            config.note = "skipped in the dry run (compiling takes minutes on a CPU)"
+            continue
+        if time.perf_counter() - started > args.budget_s:
+            config.note = "skipped: time budget"
+            continue
+        t0 = time.perf_counter()
+        try:
+            backend = build(config.name, args, folder, batches)
+        except Exception as exc:  # noqa: BLE001 - report why a configuration could not start, keep going
+            config.note = f"could not start: {type(exc).__name__}: {str(exc)[:300]}"
+            print(f"{config.name}: {config.note}", flush=True)
+            free(args.device)
+            continue
+        config.startup_s = time.perf_counter() - t0
+        reason = backend.describe().get("backend_reason", "")
+        config.note = f"{backend.describe().get('backend')}: {reason}" if reason else ""
+        print(f"{config.name}: ready in {config.startup_s:.1f} s {config.note}", flush=True)
+        for sched, steps in schedulers:
+            for batch in batches:
+                cell = Cell(config.name, sched, steps, batch)
+                config.cells.append(cell)
+                if time.perf_counter() - started > args.budget_s:
+                    cell.note = "skipped: time budget"
+                    continue
+                measure(backend, args, sched, steps, batch, refs[sched], cell, peak)
+                print(f"  {sched} {steps} steps, batch {batch}: {cell.s_per_image:.3f} s/image", flush=True)
+        del backend
+        free(args.device)
+
+    rows = []
+    base = {(c.scheduler, c.batch): c.s_per_image for c in configs[0].cells} if configs and configs[0].cells else {}
+    for config in configs:
+        if not config.cells:
+            rows.append([config.name, "-", "-", "-", "-", "-", "-", "-", "-", "-", config.note])
+        for c in config.cells:
+            if c.s_per_image is None:
+                rows.append(
+                    [config.name, f"{c.scheduler} {c.steps}", c.batch, "-", "-", "-", "-", "-", "-", "-", c.note]
+                )
+                continue
+            ratio = base.get((c.scheduler, c.batch))
+            rows.append(
+                [
+                    config.name,
+                    f"{c.scheduler} {c.steps}",
+                    c.batch,
+                    c.s_per_image,
+                    f"{3600 / c.s_per_image:.0f}",
+                    f"{ratio / c.s_per_image:.2f}x" if ratio else "-",
+                    f"{100 * c.floor_fraction:.0f}%" if c.floor_fraction is not None else "n/a",
+                    f"{c.peak_gib:.1f}" if c.peak_gib is not None else "n/a",
+                    f"{c.pixel_mae:.2f}",
+                    f"{c.pixel_max:.0f}",
+                    c.note,
+                ]
+            )
+    print()
+    print(
+        table(
+            [
+                "configuration",
+                "scheduler",
+                "batch",
+                "s/image",
+                "images/hour",
+                "vs plain fp16",
+                "of FLOP floor",
+                "peak GPU GiB",
+                "pixel MAE vs fp32",
+                "pixel max",
+                "note",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nStart-up per configuration (load + warm-up/capture/compile): "
+        + "; ".join(f"{c.name} {c.startup_s:.1f} s" + (f" ({c.note})" if c.note else "") for c in configs)
+    )
+    print(f"Total {time.perf_counter() - started:.0f} s.")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"machine": info, "configs": [c.__dict__ | {"cells": [x.__dict__ for x in c.cells]} for c in configs]},
+                indent=2,
+                default=str,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU checks of the DeepSpeed and diffusers CUDA paths, in one script that fits 8 minutes on an H100.
+#
+# 1. Here (a machine with network), fetch the wheels the GPU image lacks into .whl/ (git-ignored locally):
+#        benchmarks/gpu_check.sh fetch
+# 2. On the GPU machine (the device tool's `run`, carrying .whl), from the repository root:
+#        benchmarks/gpu_check.sh run
+#    It installs the wheels into /tmp/site, builds the full-size random SD 2.1 model, runs the tests marked
+#    gpu (tests/backends/test_gpu.py) and benchmarks/gpu.py, and leaves logs and JSON in $OUT (or ./gpu-out).
+#
+# The GPU image (see the device tool's KINDS.md) has Python 3.12, torch, triton, transformers 5, accelerate,
+# safetensors, nvcc and ninja; it lacks diffusers, DeepSpeed and our pure-Python dependencies.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-run}"
+pins() { grep -i -E "^$1==" constraints.txt | head -1; }
+
+if [ "$mode" = fetch ]; then
+    set -e
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+    mkdir -p .whl
+    platforms=()
+    for n in 28 27 17; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+    platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+    wanted=()
+    for name in diffusers importlib_metadata pydantic pydantic_core pydantic-settings annotated-types \
+                typing-inspection python-dotenv open_clip_torch ftfy wcwidth; do
+        pin="$(pins "$name")"
+        [ -n "$pin" ] || { echo "no pin for $name in constraints.txt" >&2; exit 1; }
+        wanted+=("$pin")
+    done
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl "${wanted[@]}" hjson==3.1.0
+    # DeepSpeed publishes only an sdist; its wheel is pure Python (the CUDA ops are built on first use).
+    python3 -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+    ls -la .whl
+    du -sh .whl
+    exit 0
+fi
+
+[ "$mode" = run ] || { echo "usage: $0 fetch|run" >&2; exit 2; }
+OUT="${OUT:-$PWD/gpu-out}"
+mkdir -p "$OUT"
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/gpu_check.log"; }
+started=$(date +%s)
+
+log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { log "wheel install failed"; exit 1; }
+export PYTHONPATH="/tmp/site:$PWD/src:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+# Build DeepSpeed's CUDA ops for this GPU only (minutes less nvcc), once, shared by the tests and the benchmark.
+cap="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)"
+export TORCH_CUDA_ARCH_LIST="${cap:-9.0}" MAX_JOBS=16
+python3 -c 'import torch, triton, diffusers, transformers, deepspeed; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__)' 2>&1 | tail -1 | tee -a "$OUT/gpu_check.log"
+which nvcc >/dev/null && log "nvcc: $(nvcc --version | tail -2 | head -1)" || log "nvcc: not found (DeepSpeed's ops cannot build)"
+
+log "building the full-size random model"
+timeout 120 python3 -c 'from pathlib import Path; from sd_endpoint.model.demo import write_demo_model; write_demo_model(Path("/tmp/sd21-full"), full_size=True, cache_dir=Path("/tmp/sd-cache"))' \
+    > "$OUT/build_model.log" 2>&1 || log "model build failed (see build_model.log)"
+
+log "tests marked gpu"
+timeout 200 python3 -m pytest -m gpu tests/backends -q -p no:cacheprovider -o addopts="-ra" -s \
+    2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+log "pytest exit ${PIPESTATUS[0]}"
+
+left=$(( 470 - ($(date +%s) - started) ))
+log "benchmarks/gpu.py with a ${left} s budget for new cells"
+timeout $(( left + 60 )) python3 benchmarks/gpu.py --model /tmp/sd21-full --cache-dir /tmp/sd-cache \
+    --budget-s "$(( left > 60 ? left - 45 : 15 ))" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^  "
+log "gpu.py exit ${PIPESTATUS[0]}; total $(( $(date +%s) - started )) s"
