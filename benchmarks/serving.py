@@ -13,7 +13,7 @@ resolution), the script:
    speed-up (requests/s on / off at the same concurrency), and the serving overhead: HTTP p50 at
    concurrency 1 over the in-process p50 (step 1), both measured in this run on this machine.
 
-A model over 1 GB of weights (the full-size one, ~6 GB in fp32) is never held twice: its two servers run
+A model over 1 GB of weights (the full-size one: ~6 GB in fp32, ~3 GB in bf16) is never held twice: its two servers run
 one after the other and the in-process calls come last (``--one-copy`` forces this for any model).
 
 Every loop is bounded in requests and in time (``--budget-s`` per cell: no new request starts after it);
@@ -54,6 +54,7 @@ class ModelRun:
     size: int
     steps: int
     requests_per_cell: int
+    dtype: str = "auto"
 
 
 @dataclass
@@ -132,7 +133,7 @@ class InProcess:
         settings = load_settings(
             model=str(run.path),
             device="cpu",
-            dtype="float32",
+            dtype=run.dtype,
             cache_dir=cache_dir,
             default_height=run.size,  # warm up at the benchmark's size, as the servers do
             default_width=run.size,
@@ -163,7 +164,7 @@ class Server:
             "HF_HUB_OFFLINE": "1",
             "SD_ENDPOINT_MODEL": str(run.path),
             "SD_ENDPOINT_DEVICE": "cpu",
-            "SD_ENDPOINT_DTYPE": "float32",
+            "SD_ENDPOINT_DTYPE": run.dtype,
             "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
             "SD_ENDPOINT_MAX_CONCURRENT_REQUESTS": "8",
             "SD_ENDPOINT_MAX_QUEUED_REQUESTS": "8",
@@ -293,8 +294,9 @@ def bench_model(
     """Side by side (both servers up, modes alternating, in-process alternating with HTTP), or, for a model
     too big to hold twice beside other work (``one_copy``), one server at a time and then the in-process runs."""
     print(
-        f"\n== {run.name}: {run.size}x{run.size}, {run.steps} steps, up to {run.requests_per_cell} requests "
-        f"or {budget_s:.0f} s per cell{'; one model copy at a time' if one_copy else ''}",
+        f"\n== {run.name}: {run.size}x{run.size}, {run.steps} steps, dtype {run.dtype}, up to "
+        f"{run.requests_per_cell} requests or {budget_s:.0f} s per cell"
+        + ("; one model copy at a time" if one_copy else ""),
         flush=True,
     )
     by_key = {(b, c): Cell(run.name, b, c) for c in CONCURRENCY for b in MODES}
@@ -406,6 +408,12 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=45.0, help="No new request starts after this, per cell.")
     parser.add_argument("--rounds", type=int, default=3, help="Each cell's requests are spread over this many rounds.")
     parser.add_argument("--one-copy", action="store_true", help="One model copy in memory at a time (big models).")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="SD_ENDPOINT_DTYPE for the servers and the in-process runs (auto: what the server would pick).",
+    )
     parser.add_argument("--work-dir", help="Where models and server logs go (default: a temp folder).")
     parser.add_argument("--json", help="Also write the results as JSON here.")
     args = parser.parse_args()
@@ -430,9 +438,9 @@ def main() -> int:
             write_demo_model(target, full_size=full, cache_dir=cache_dir)
             print(f"wrote the {name} model in {time.perf_counter() - started:.0f} s", flush=True)
         runs.append(
-            ModelRun(name, target, args.full_size, args.full_steps, args.full_requests)
+            ModelRun(name, target, args.full_size, args.full_steps, args.full_requests, args.dtype)
             if full
-            else ModelRun(name, target, args.demo_size, args.demo_steps, args.demo_requests)
+            else ModelRun(name, target, args.demo_size, args.demo_steps, args.demo_requests, args.dtype)
         )
     results = []
     for run in runs:

@@ -17,9 +17,11 @@ class Recorder:
     def __init__(self, unet: Any) -> None:
         self.unet = unet
         self.batches: list[int] = []
+        self.timestep_dtypes: set[Any] = set()
 
     def __call__(self, sample: Any, timestep: Any, context: Any, return_dict: bool = False) -> Any:
         self.batches.append(int(sample.shape[0]))
+        self.timestep_dtypes.add(timestep.dtype)
         return self.unet(sample, timestep, context, return_dict=False)
 
 
@@ -49,6 +51,9 @@ def test_warm_shapes_use_the_fast_callable_others_the_eager_unet(backend: Diffus
         runner(*warm, cross_attention_kwargs={"scale": 1.0})
         assert fast.batches == [2]
     assert runner.handles(unet_inputs_for(unet, 64, 64, 2)) and not runner.handles(unet_inputs_for(unet, 72, 64, 1))
+    # The scheduler's int64 timestep reaches the compiled callable as the float32 it was warmed with:
+    # another dtype would make dynamo compile again, at request time.
+    assert inputs(unet, 64, 64, 1)[1].dtype == torch.int64 and fast.timestep_dtypes == {torch.float32}
 
 
 def test_strict_runner_refuses_uncaptured_shapes(backend: DiffusersBackend) -> None:

@@ -21,8 +21,8 @@ from tests.server.helpers import SD_ENDPOINT, LiveServer, decode_image, free_por
 
 pytestmark = pytest.mark.slow
 
-# 512x512 with 150 steps: seconds of work on any CPU, far past the 1 s timeout below.
-LONG = {"height": 512, "width": 512, "num_inference_steps": 150}
+# Four 512x512 images with 150 steps: several seconds on any CPU, well past the 3 s timeout below.
+LONG = {"height": 512, "width": 512, "num_inference_steps": 150, "num_images_per_prompt": 4}
 
 
 def request(prompt: str, seed: int, **params: Any) -> dict[str, Any]:
@@ -42,7 +42,7 @@ def wait_until(predicate: Any, what: str, timeout: float = 120.0) -> None:
 def short_timeout_server(
     tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
-    env = model_env(tiny_model_dir, cache_dir, request_timeout_ms=1000, log_format="json")
+    env = model_env(tiny_model_dir, cache_dir, request_timeout_ms=3000, log_format="json")
     live = LiveServer(env, tmp_path_factory.mktemp("timeout") / "server.log").start()
     try:
         yield live
@@ -56,7 +56,7 @@ def test_a_timeout_gets_408_and_its_generation_stops(short_timeout_server: LiveS
     stopped_key = 'sd_generations_stopped_total{reason="timeout"}'
     resp = httpx.post(f"{server.url}/score", json=request("too slow", 1, **LONG), timeout=300)
     assert resp.status_code == 408
-    assert "SD_ENDPOINT_REQUEST_TIMEOUT_MS (1000 ms)" in resp.json()["message"]
+    assert "SD_ENDPOINT_REQUEST_TIMEOUT_MS (3000 ms)" in resp.json()["message"]
     wait_until(lambda: server.metrics().get(stopped_key, 0) == before.get(stopped_key, 0) + 1, "the stop")
     after = server.metrics()
     steps_run = after["sd_denoising_steps_total"] - before.get("sd_denoising_steps_total", 0)

@@ -70,14 +70,16 @@ class CancelToken:
 
     def check(self) -> None:
         """Raise if the work should stop now; backends call this between steps."""
-        if self._event.is_set():
-            raise GenerationCancelled(f"Generation stopped: {self.reason}.")
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
             self.reason = "timeout"
             self._event.set()
-            raise RequestTimeout(
-                f"Generation stopped after {self.steps_done} denoising steps: the request timeout passed."
-            )
+        if self._event.is_set():
+            # Several threads may check one token: whoever sees it first, a timeout is always a 408.
+            if self.reason == "timeout":
+                raise RequestTimeout(
+                    f"Generation stopped after {self.steps_done} denoising steps: the request timeout passed."
+                )
+            raise GenerationCancelled(f"Generation stopped: {self.reason}.")
 
 
 StepCallback = Callable[[int, int], None]  # (step index starting at 1, total steps)

@@ -110,10 +110,14 @@ class UNetRunner(torch.nn.Module):
         key: ShapeKey | None = None
         if plain:
             key = (tuple(sample.shape), tuple(encoder_hidden_states.shape))
-        if key is not None and key in self._graphs and torch.is_tensor(timestep) and timestep.ndim == 0:
+        scalar_t = not torch.is_tensor(timestep) or timestep.ndim == 0
+        if key is not None and key in self._graphs and scalar_t:
             out = self._replay(self._graphs[key], sample, timestep, encoder_hidden_states)
-        elif key is not None and key in self._warm and self._fast is not None:
-            out = self._fast(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+        elif key is not None and key in self._warm and self._fast is not None and scalar_t:
+            # The compiled graph was traced with a float32 timestep: pass the same, or dynamo would compile
+            # again for the scheduler's int64 one, at request time. Exact: the UNet embeds t as float32.
+            t = torch.as_tensor(timestep, device=sample.device).to(torch.float32)
+            out = self._fast(sample, t, encoder_hidden_states, return_dict=False)[0]
         else:
             if self.strict:
                 raise RuntimeError(
@@ -134,7 +138,7 @@ class UNetRunner(torch.nn.Module):
     def _replay(self, g: _Graph, sample: Any, timestep: Any, context: Any) -> Any:
         with self._lock:
             g.sample.copy_(sample)
-            g.timestep.copy_(timestep)
+            g.timestep.copy_(torch.as_tensor(timestep))
             g.context.copy_(context)
             g.graph.replay()
             return g.output.clone()
