@@ -256,3 +256,13 @@ def test_screening_failure_can_fail_open(settings: Any, backend: Any) -> None:
     result = svc.handle(small_request(["a", "b"]))
     assert result.headers[SAFETY_HEADER] == "skipped"
     assert all(r["nsfw_content_detected"] is None and r["generated_image"] for r in result.records)
+
+
+def test_a_json_string_body_is_not_decoded_twice(service: GenerationService) -> None:
+    import json
+
+    from sd_endpoint.errors import InvalidRequest
+
+    double_encoded = json.dumps(json.dumps(small_request()))
+    with pytest.raises(InvalidRequest, match="must be a JSON object.*got a JSON string"):
+        service.handle(double_encoded)

@@ -222,9 +222,9 @@ def decode_body(body: bytes | str, *, max_bytes: int | None = None) -> Any:
         raise InvalidRequest(f"Request body is not valid JSON: {exc}.") from None
 
 
-def parse_request(body: bytes | str | Any, limits: Limits) -> ScoringRequest:
-    """Validate a request body (raw bytes/text, or an already decoded JSON value) into a ScoringRequest."""
-    payload = decode_body(body) if isinstance(body, (bytes, str)) else body
+def parse_request(body: bytes | str | Any, limits: Limits, *, decoded: bool = False) -> ScoringRequest:
+    """Validate a request body into a ScoringRequest: raw bytes/text, or (``decoded``) a parsed JSON value."""
+    payload = body if decoded or not isinstance(body, (bytes, str)) else decode_body(body)
     if not isinstance(payload, dict):
         raise InvalidRequest(f'Request body must be a JSON object with "input_data"; got a JSON {_json_type(payload)}.')
     if "input_data" not in payload:

@@ -109,9 +109,9 @@ class GenerationService:
 
     # -- requests ------------------------------------------------------------------------------
     def parse(self, body: bytes | str | dict[str, Any]) -> ScoringRequest:
-        if not isinstance(body, dict):
+        if isinstance(body, (bytes, str)):
             body = decode_body(body, max_bytes=self.settings.max_body_bytes)
-        return parse_request(body, self.limits)
+        return parse_request(body, self.limits, decoded=True)
 
     def handle(self, body: bytes | str | dict[str, Any], cancel: CancelToken | None = None) -> ScoreResult:
         return self.score(self.parse(body), cancel)
