@@ -8,15 +8,19 @@ Configurations, each loaded fresh (fast loader, fp16) and measured after its own
 * ``ours: diffusers + torch.compile``: the same over a compiled UNet (SD_ENDPOINT_COMPILE; compiled for
   ``--compile-batches`` only, other batches run eagerly as the service would);
 * ``ours: deepspeed``: SD_ENDPOINT_BACKEND=deepspeed (DeepSpeed kernels, graphs, self-check), or the reason it
-  could not start.
+  could not start;
+* optional (``--configs``): ``auto`` (what SD_ENDPOINT_BACKEND=auto picks, and why), and the ablations
+  ``nofuse`` (no fused QKV) and ``nographs`` (no CUDA graphs).
 
 For every cell: seconds per image, images per hour, the fraction of the FLOP floor (4.30 TFLOP per step for
 the two UNet rows of one image plus 5.75 TFLOP for its VAE decode, at the GPU's dense fp16 peak), the peak
 GPU memory of that configuration, and the difference of the seed's image from an fp32 diffusers reference
-(TF32 off), as mean and max absolute pixel difference (0-255). The run is bounded by ``--budget-s``: cells
-not started in time are listed as skipped. It builds the full-size random model when ``--model`` is not given.
+(TF32 off), as mean and max absolute pixel difference (0-255), and from the plain fp16 configuration's image
+(same precision: what our changes alone do; with random weights fp16 and fp32 drift far apart). The run is
+bounded by ``--budget-s``: cells not started in time are listed as skipped. It builds the full-size random
+model when ``--model`` is not given.
 
-    python benchmarks/gpu.py --model /tmp/sd21-full            # on a GPU machine (about 6 minutes on an H100)
+    python benchmarks/gpu.py --model /tmp/sd21-full            # on a GPU machine (about 2.5 minutes on an H200)
     python benchmarks/gpu.py --dry-run                          # CPU, tiny model: checks the script itself
 """
 
@@ -52,6 +56,7 @@ class Cell:
     peak_gib: float | None = None
     pixel_mae: float | None = None
     pixel_max: float | None = None
+    pixel_mae_plain: float | None = None
     note: str = ""
 
 
@@ -128,6 +133,22 @@ def build(config: str, args: argparse.Namespace, folder: Path, batches: list[int
         backend = DiffusersBackend(pipe)
         backend.warm(shapes)
         return backend
+    if config == "ours: diffusers, no fused QKV (ablation)":
+        backend = DiffusersBackend(pipe, fuse_qkv=False)
+        backend.warm(shapes)
+        return backend
+    if config == "ours: diffusers, no CUDA graphs (ablation)":
+        return DiffusersBackend(pipe, cuda_graphs=False)
+    if config == "ours: auto":
+        settings = load_settings(
+            model=str(folder),
+            device=args.device,
+            dtype=args.dtype,
+            cache_dir=args.cache_dir,
+            backend="auto",
+            warm_shapes=",".join(f"{h}x{w}x{b}" for h, w, b in shapes),
+        )
+        return build_backend(settings, pipe)
     if config == "ours: diffusers + torch.compile":
         backend = DiffusersBackend(pipe, compile=True)
         backend.warm([(args.size, args.size, b) for b in args.compile_batches if b in batches])
@@ -147,7 +168,8 @@ def build(config: str, args: argparse.Namespace, folder: Path, batches: list[int
 
 def measure(
     backend: Any, args: argparse.Namespace, name: str, steps: int, batch: int, ref: Any, cell: Cell, peak: float | None
-) -> None:
+) -> Any:
+    """Time one cell; returns the seed's image (as an array)."""
     import numpy as np
     import torch
 
@@ -169,10 +191,72 @@ def measure(
         cell.floor_fraction = floor / seconds
     if args.device.startswith("cuda"):
         cell.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    diff = np.abs(np.asarray(result.images[0], dtype=float) - ref)
+    image = np.asarray(result.images[0], dtype=float)
+    diff = np.abs(image - ref)
     cell.pixel_mae, cell.pixel_max = float(diff.mean()), float(diff.max())
     if any(result.notes):
         cell.note = "; ".join(sorted({n for notes in result.notes for n in notes}))
+    return image
+
+
+def report(configs: list[Config], args: argparse.Namespace, info: dict[str, Any]) -> None:
+    """Print (and save) everything measured so far: called after each configuration, so a run cut short
+    still leaves its table."""
+    rows = []
+    base = {(c.scheduler, c.batch): c.s_per_image for c in configs[0].cells} if configs and configs[0].cells else {}
+    for config in configs:
+        if not config.cells:
+            rows.append([config.name, "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", config.note])
+        for c in config.cells:
+            if c.s_per_image is None:
+                rows.append(
+                    [config.name, f"{c.scheduler} {c.steps}", c.batch, "-", "-", "-", "-", "-", "-", "-", "-", c.note]
+                )
+                continue
+            ratio = base.get((c.scheduler, c.batch))
+            rows.append(
+                [
+                    config.name,
+                    f"{c.scheduler} {c.steps}",
+                    c.batch,
+                    c.s_per_image,
+                    f"{3600 / c.s_per_image:.0f}",
+                    f"{ratio / c.s_per_image:.2f}x" if ratio else "-",
+                    f"{100 * c.floor_fraction:.0f}%" if c.floor_fraction is not None else "n/a",
+                    f"{c.peak_gib:.1f}" if c.peak_gib is not None else "n/a",
+                    f"{c.pixel_mae:.2f}",
+                    f"{c.pixel_max:.0f}",
+                    f"{c.pixel_mae_plain:.2f}" if c.pixel_mae_plain is not None else "-",
+                    c.note,
+                ]
+            )
+    print()
+    print(
+        table(
+            [
+                "configuration",
+                "scheduler",
+                "batch",
+                "s/image",
+                "images/hour",
+                "vs plain fp16",
+                "of FLOP floor",
+                "peak GPU GiB",
+                "pixel MAE vs fp32",
+                "pixel max",
+                "pixel MAE vs plain fp16",
+                "note",
+            ],
+            rows,
+        )
+    )
+    print(
+        "\nStart-up per configuration (load + warm-up/capture/compile): "
+        + "; ".join(f"{c.name} {c.startup_s:.1f} s" + (f" ({c.note})" if c.note else "") for c in configs)
+    )
+    if args.json:
+        cells = [c.__dict__ | {"cells": [x.__dict__ for x in c.cells]} for c in configs]
+        args.json.write_text(json.dumps({"machine": info, "configs": cells}, indent=2, default=str))
 
 
 def main() -> int:
@@ -227,15 +311,20 @@ def main() -> int:
         "diffusers": "ours: diffusers",
         "deepspeed": "ours: deepspeed",
         "compile": "ours: diffusers + torch.compile",
+        "auto": "ours: auto",
+        "nofuse": "ours: diffusers, no fused QKV (ablation)",
+        "nographs": "ours: diffusers, no CUDA graphs (ablation)",
     }
     configs: list[Config] = []
+    plain_images: dict[tuple[str, int], Any] = {}
     for key in args.configs.split(","):
         config = Config(names[key])
         configs.append(config)
         if args.dry_run and key == "compile":
             config.note = "skipped in the dry run (compiling takes minutes on a CPU)"
             continue
-        if time.perf_counter() - started > args.budget_s:
+        left = args.budget_s - (time.perf_counter() - started)
+        if left < 0 or (key == "compile" and left < 150):  # compiling alone takes a minute or two
             config.note = "skipped: time budget"
             continue
         t0 = time.perf_counter()
@@ -257,70 +346,18 @@ def main() -> int:
                 if time.perf_counter() - started > args.budget_s:
                     cell.note = "skipped: time budget"
                     continue
-                measure(backend, args, sched, steps, batch, refs[sched], cell, peak)
+                image = measure(backend, args, sched, steps, batch, refs[sched], cell, peak)
+                if key == "plain":
+                    plain_images[(sched, batch)] = image
+                elif (sched, batch) in plain_images:  # same precision: shows what our changes alone do
+                    cell.pixel_mae_plain = float(abs(image - plain_images[(sched, batch)]).mean())
                 print(f"  {sched} {steps} steps, batch {batch}: {cell.s_per_image:.3f} s/image", flush=True)
         del backend
         free(args.device)
+        report(configs, args, info)
 
-    rows = []
-    base = {(c.scheduler, c.batch): c.s_per_image for c in configs[0].cells} if configs and configs[0].cells else {}
-    for config in configs:
-        if not config.cells:
-            rows.append([config.name, "-", "-", "-", "-", "-", "-", "-", "-", "-", config.note])
-        for c in config.cells:
-            if c.s_per_image is None:
-                rows.append(
-                    [config.name, f"{c.scheduler} {c.steps}", c.batch, "-", "-", "-", "-", "-", "-", "-", c.note]
-                )
-                continue
-            ratio = base.get((c.scheduler, c.batch))
-            rows.append(
-                [
-                    config.name,
-                    f"{c.scheduler} {c.steps}",
-                    c.batch,
-                    c.s_per_image,
-                    f"{3600 / c.s_per_image:.0f}",
-                    f"{ratio / c.s_per_image:.2f}x" if ratio else "-",
-                    f"{100 * c.floor_fraction:.0f}%" if c.floor_fraction is not None else "n/a",
-                    f"{c.peak_gib:.1f}" if c.peak_gib is not None else "n/a",
-                    f"{c.pixel_mae:.2f}",
-                    f"{c.pixel_max:.0f}",
-                    c.note,
-                ]
-            )
-    print()
-    print(
-        table(
-            [
-                "configuration",
-                "scheduler",
-                "batch",
-                "s/image",
-                "images/hour",
-                "vs plain fp16",
-                "of FLOP floor",
-                "peak GPU GiB",
-                "pixel MAE vs fp32",
-                "pixel max",
-                "note",
-            ],
-            rows,
-        )
-    )
-    print(
-        "\nStart-up per configuration (load + warm-up/capture/compile): "
-        + "; ".join(f"{c.name} {c.startup_s:.1f} s" + (f" ({c.note})" if c.note else "") for c in configs)
-    )
+    report(configs, args, info)
     print(f"Total {time.perf_counter() - started:.0f} s.")
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"machine": info, "configs": [c.__dict__ | {"cells": [x.__dict__ for x in c.cells]} for c in configs]},
-                indent=2,
-                default=str,
-            )
-        )
     return 0
 
 

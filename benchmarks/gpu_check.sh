@@ -7,6 +7,8 @@
 #        benchmarks/gpu_check.sh run
 #    It installs the wheels into /tmp/site, builds the full-size random SD 2.1 model, runs the tests marked
 #    gpu (tests/backends/test_gpu.py) and benchmarks/gpu.py, and leaves logs and JSON in $OUT (or ./gpu-out).
+#    GPU_CHECK_TESTS=0 skips the tests; GPU_BENCH_ARGS adds arguments to gpu.py (e.g. "--configs plain,auto").
+#    On an H200 the whole run took 274 s (tests 92 s, of which building DeepSpeed's ops about a minute).
 #
 # The GPU image (see the device tool's KINDS.md) has Python 3.12, torch, triton, transformers 5, accelerate,
 # safetensors, nvcc and ninja; it lacks diffusers, DeepSpeed and our pure-Python dependencies.
@@ -24,7 +26,7 @@ if [ "$mode" = fetch ]; then
     platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
     wanted=()
     for name in diffusers importlib_metadata pydantic pydantic_core pydantic-settings annotated-types \
-                typing-inspection python-dotenv open_clip_torch ftfy wcwidth; do
+                typing-inspection typing_extensions python-dotenv open_clip_torch ftfy wcwidth; do
         pin="$(pins "$name")"
         [ -n "$pin" ] || { echo "no pin for $name in constraints.txt" >&2; exit 1; }
         wanted+=("$pin")
@@ -58,13 +60,17 @@ log "building the full-size random model"
 timeout 120 python3 -c 'from pathlib import Path; from sd_endpoint.model.demo import write_demo_model; write_demo_model(Path("/tmp/sd21-full"), full_size=True, cache_dir=Path("/tmp/sd-cache"))' \
     > "$OUT/build_model.log" 2>&1 || log "model build failed (see build_model.log)"
 
-log "tests marked gpu"
-timeout 200 python3 -m pytest -m gpu tests/backends -q -p no:cacheprovider -o addopts="-ra" -s \
-    2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
-log "pytest exit ${PIPESTATUS[0]}"
+if [ "${GPU_CHECK_TESTS:-1}" = 1 ]; then
+    log "tests marked gpu"
+    # The compile test is left to gpu.py (full size), which has the time budget to skip it when short.
+    timeout 200 python3 -m pytest -m gpu tests/backends -q -p no:cacheprovider -o addopts="-ra" -k "not compiled" \
+        2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+    log "pytest exit ${PIPESTATUS[0]}"
+fi
 
-left=$(( 470 - ($(date +%s) - started) ))
+left=$(( 490 - ($(date +%s) - started) ))
 log "benchmarks/gpu.py with a ${left} s budget for new cells"
 timeout $(( left + 60 )) python3 benchmarks/gpu.py --model /tmp/sd21-full --cache-dir /tmp/sd-cache \
-    --budget-s "$(( left > 60 ? left - 45 : 15 ))" --json "$OUT/gpu.json" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v "^  "
+    --budget-s "$(( left > 60 ? left - 45 : 15 ))" --json "$OUT/gpu.json" ${GPU_BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/gpu_bench.log" | grep -v "^  "
 log "gpu.py exit ${PIPESTATUS[0]}; total $(( $(date +%s) - started )) s"

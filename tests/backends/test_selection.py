@@ -174,3 +174,49 @@ def test_backend_choice_reaches_the_metrics(tiny_model_dir: Path, cache_dir: Pat
         assert "no CUDA device" in labels["backend_reason"]
     finally:
         service.close()
+
+
+def test_auto_takes_deepspeed_only_when_it_is_faster(
+    tiny_model_dir: Path, cache_dir: Path, pipe: Any, cuda_like: None
+) -> None:
+    def timer(speeds: dict[str, float]) -> Any:
+        return lambda backend, shape: speeds["deepspeed" if isinstance(backend, FakeDeepSpeed) else "diffusers"]
+
+    settings = make_settings(tiny_model_dir, cache_dir)
+    slower = build_backend(
+        settings,
+        pipe,
+        deepspeed_factory=FakeDeepSpeed,  # type: ignore[arg-type]
+        timer=timer({"deepspeed": 0.0125, "diffusers": 0.0100}),
+    )
+    assert isinstance(slower, DiffusersBackend)
+    reason = slower.describe()["backend_reason"]
+    assert "passed its self-check but is not faster" in reason
+    assert "UNet step at 64x64x1: DeepSpeed 12.5 ms, diffusers 10.0 ms" in reason
+    # Within the 3% margin counts as not faster: the simpler path serves.
+    tie = build_backend(
+        settings,
+        pipe,
+        deepspeed_factory=FakeDeepSpeed,
+        timer=timer({"deepspeed": 0.0099, "diffusers": 0.0100}),  # type: ignore[arg-type]
+    )
+    assert isinstance(tie, DiffusersBackend)
+    faster = build_backend(
+        settings,
+        pipe,
+        deepspeed_factory=FakeDeepSpeed,
+        timer=timer({"deepspeed": 0.008, "diffusers": 0.010}),  # type: ignore[arg-type]
+    )
+    assert isinstance(faster, RoutingBackend)
+    assert "DeepSpeed 8.0 ms, diffusers 10.0 ms" in faster.describe()["backend_reason"]
+    assert faster.fallback.warm_shapes == []  # the diffusers path's warm-up was released
+
+
+def test_explicit_deepspeed_is_not_raced(tiny_model_dir: Path, cache_dir: Path, pipe: Any, cuda_like: None) -> None:
+    chosen = build_backend(
+        make_settings(tiny_model_dir, cache_dir, backend="deepspeed"),
+        pipe,
+        deepspeed_factory=FakeDeepSpeed,  # type: ignore[arg-type]
+        timer=lambda backend, shape: pytest.fail("explicit deepspeed must not be timed"),
+    )
+    assert isinstance(chosen, RoutingBackend)

@@ -75,3 +75,16 @@ def test_runner_looks_like_the_unet_to_the_pipeline(backend: DiffusersBackend) -
     runner = UNetRunner(unet)
     assert runner.config is unet.config and runner.dtype == unet.dtype and runner.device == unet.device
     assert runner.in_channels == 4
+
+
+def test_time_call_runs_the_warm_path_and_release_forgets_it(backend: DiffusersBackend) -> None:
+    unet = backend.pipe.unet
+    fast = Recorder(unet)
+    runner = UNetRunner(unet, fast=fast)
+    key = unet_inputs_for(unet, 64, 64, 1)
+    runner.warm([key], graphs=False)
+    fast.batches.clear()
+    assert runner.time_call(key, repeats=3) > 0
+    assert fast.batches == [2] * 4  # one untimed call, then the timed ones, all on the warm path
+    runner.release()
+    assert not runner.handles(key) and not runner.warm_keys

@@ -71,6 +71,7 @@ class DiffusersBackend:
         optimise: bool = True,
         compile: bool = False,
         cuda_graphs: bool = True,
+        fuse_qkv: bool = True,
     ) -> None:
         import torch
 
@@ -92,6 +93,7 @@ class DiffusersBackend:
         self._lock = threading.Lock()
         self.optimisations: list[str] = []
         self.compile = compile
+        self.fuse_qkv = fuse_qkv
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.warm_shapes: list[WarmShape] = []
         self._raw_unet = pipe.unet
@@ -153,7 +155,7 @@ class DiffusersBackend:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes repeat; autotune each conv once
             self.optimisations.append("cudnn autotune")
-            if hasattr(unet, "fuse_qkv_projections") and hasattr(vae, "fuse_qkv_projections"):
+            if self.fuse_qkv and hasattr(unet, "fuse_qkv_projections") and hasattr(vae, "fuse_qkv_projections"):
                 # One GEMM for q,k,v (self-attention) and k,v (cross-attention); SDPA processors.
                 unet.fuse_qkv_projections()
                 vae.fuse_qkv_projections()
@@ -201,6 +203,13 @@ class DiffusersBackend:
         if self.cuda_graphs:
             self.optimisations.append("CUDA graphs")
         return seconds
+
+    def release_warm(self) -> None:
+        """Drop the warm shapes' graphs / compiled calls (another path serves those shapes now)."""
+        if self.runner is not None:
+            self.runner.release()
+        self.warm_shapes = []
+        self.optimisations = [o for o in self.optimisations if o != "CUDA graphs"]
 
     # -- generation --------------------------------------------------------------------------
     def make_scheduler(self, name: SchedulerName) -> Any:

@@ -4,8 +4,11 @@ Rules:
 
 * ``diffusers``: the diffusers path, always.
 * ``auto``: the DeepSpeed path when the model is on CUDA in fp16, DeepSpeed is installed, there are warm
-  shapes to capture, its kernels load and capture, and the start-up self-check passes; otherwise the
-  diffusers path. The reason is logged and reported by ``describe()`` (``/ready``, ``sd_backend_info``).
+  shapes to capture, its kernels load and capture, the start-up self-check passes, and its UNet step at the
+  first warm shape is faster than the diffusers path's (each as it would serve: graphs, compile); otherwise
+  the diffusers path. The reason is logged and reported by ``describe()`` (``/ready``, ``sd_backend_info``).
+  The speed test is there because on current PyTorch the answer depends on the GPU: on an H200 (torch
+  2.11, CUDA 13) DeepSpeed's 2023 kernels were slower than SDPA with CUDA graphs (README, Performance).
 * ``deepspeed``: the same, but any of those failing stops the start-up with a ModelLoadError naming the
   reason. An operator who asked for DeepSpeed explicitly gets it or a clear failure, never a quiet
   fallback to a slower path that would invalidate their capacity planning.
@@ -48,6 +51,8 @@ from sd_endpoint.settings import Settings
 log = logging.getLogger(__name__)
 
 SELF_CHECK_TOLERANCE = 0.05
+# auto takes the DeepSpeed path only when its UNet step is at least this much faster (timing noise is ~1%).
+SPEED_MARGIN = 0.03
 SELF_CHECK_STEPS = 3
 SELF_CHECK_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
@@ -81,6 +86,8 @@ class FastBackend(Protocol):
 
 
 DeepSpeedFactory = Callable[[DiffusersBackend, Sequence[WarmShape]], FastBackend]
+# Seconds of one UNet call at a warm shape as the backend serves it, or None when it cannot be timed.
+UNetTimer = Callable[[Any, WarmShape], "float | None"]
 
 
 def deepspeed_installed() -> bool:
@@ -142,6 +149,35 @@ def self_check(
     else:
         rel = float((got - want).norm() / want.norm().clamp_min(1e-12))
     return SelfCheck(rel <= tolerance, rel, tolerance, shape, steps)
+
+
+def time_unet(backend: Any, shape: WarmShape) -> float | None:
+    """Median seconds of one UNet call at ``shape`` through the backend's runner (graph or compiled)."""
+    runner = getattr(backend, "runner", None)
+    if runner is None:
+        return None
+    from sd_endpoint.backends.unet_runner import unet_inputs_for
+
+    key = unet_inputs_for(runner.unet, *shape)
+    return float(runner.time_call(key)) if runner.handles(key) else None
+
+
+@dataclass(frozen=True)
+class SpeedCheck:
+    deepspeed_s: float
+    diffusers_s: float
+    shape: WarmShape
+
+    @property
+    def deepspeed_faster(self) -> bool:
+        return self.deepspeed_s < self.diffusers_s * (1 - SPEED_MARGIN)
+
+    def describe(self) -> str:
+        h, w, b = self.shape
+        return (
+            f"UNet step at {h}x{w}x{b}: DeepSpeed {1000 * self.deepspeed_s:.1f} ms, "
+            f"diffusers {1000 * self.diffusers_s:.1f} ms"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,6 +293,7 @@ def build_backend(
     placement_reason: str = "",
     source: str = "",
     deepspeed_factory: DeepSpeedFactory | None = None,
+    timer: UNetTimer | None = None,
 ) -> Backend:
     """Wrap a loaded pipeline in the backend the settings ask for (see the module docstring)."""
     shapes = list(settings.warm_shapes)
@@ -273,7 +310,8 @@ def build_backend(
 
     def serve_diffusers(reason: str) -> DiffusersBackend:
         base.selection_reason = reason
-        base.warm(shapes)
+        if not base.warm_shapes:
+            base.warm(shapes)
         log.info("Backend: diffusers (%s)", reason)
         return base
 
@@ -301,8 +339,21 @@ def build_backend(
             raise ModelLoadError(f"SD_ENDPOINT_BACKEND=deepspeed: {reason}.")
         log.warning("%s; serving the diffusers path", reason)
         return serve_diffusers(f"auto: {reason}")
+    speed = ""
+    if requested == "auto":
+        base.warm(shapes)  # the diffusers path as it would serve these shapes alone
+        timed = timer or time_unet
+        ds_s, base_s = timed(fast, shapes[0]), timed(base, shapes[0])
+        if ds_s is not None and base_s is not None:
+            check_speed = SpeedCheck(ds_s, base_s, shapes[0])
+            speed = f"; {check_speed.describe()}"
+            if not check_speed.deepspeed_faster:
+                del fast
+                reason = f"auto: DeepSpeed passed its self-check but is not faster ({check_speed.describe()})"
+                return serve_diffusers(reason)
+        base.release_warm()  # the DeepSpeed path serves the warm shapes; free the diffusers path's graphs
     origin = "SD_ENDPOINT_BACKEND=deepspeed" if requested == "deepspeed" else "auto"
-    reason = f"{origin}: self-check passed ({check.describe()}); shapes {shape_label(shapes)}"
+    reason = f"{origin}: self-check passed ({check.describe()}){speed}; shapes {shape_label(shapes)}"
     base.selection_reason = "serves the shapes the DeepSpeed path did not capture"
     log.info("Backend: deepspeed (%s)", reason)
     return RoutingBackend(fast, base, reason)

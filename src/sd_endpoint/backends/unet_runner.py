@@ -143,6 +143,29 @@ class UNetRunner(torch.nn.Module):
             g.graph.replay()
             return g.output.clone()
 
+    def release(self) -> None:
+        """Forget every warm shape (their graphs' memory goes back to the allocator)."""
+        with self._lock:
+            self._graphs.clear()
+            self._warm.clear()
+            self._pool = None
+
+    def time_call(self, key: ShapeKey, repeats: int = 5) -> float:
+        """Median seconds of one forward at a warm shape, as requests will run it (graph or compiled)."""
+        device, dtype = self.unet.device, self.unet.dtype
+        times = []
+        with torch.inference_mode():
+            sample, timestep, context = self._dummy(key, device, dtype)
+            for _ in range(repeats + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+                self(sample, timestep, context, return_dict=False)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - started)
+        return sorted(times[1:])[repeats // 2]
+
     # -- start-up ----------------------------------------------------------------------------
     def warm(self, keys: Iterable[ShapeKey], *, graphs: bool) -> float:
         """Run (and with ``graphs`` capture) each shape once; returns the seconds it took.
