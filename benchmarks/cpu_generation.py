@@ -101,7 +101,7 @@ def run_baseline(pipe: Any, clock: StepClock, size: int, steps: int) -> dict[str
 def run_ours(backend: Any, clock: StepClock, size: int, steps: int) -> dict[str, Any]:
     import torch
 
-    from sd_endpoint.backends.base import GenerationSpec, ImageTask
+    from sd_endpoint.jobs import GenerationSpec, ImageTask
 
     clock.reset()
     spec = GenerationSpec(size, size, steps, 7.5, "ddim", 0.0)

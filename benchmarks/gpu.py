@@ -95,8 +95,8 @@ def reference_images(args: argparse.Namespace, folder: Path, schedulers: list[tu
     import numpy as np
     import torch
 
-    from sd_endpoint.backends.base import GenerationSpec, ImageTask
     from sd_endpoint.backends.diffusers_backend import DiffusersBackend
+    from sd_endpoint.jobs import GenerationSpec, ImageTask
 
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -173,7 +173,7 @@ def measure(
     import numpy as np
     import torch
 
-    from sd_endpoint.backends.base import GenerationSpec, ImageTask
+    from sd_endpoint.jobs import GenerationSpec, ImageTask
 
     spec = GenerationSpec(args.size, args.size, steps, 7.5, name, 0.0)  # type: ignore[arg-type]
     tasks = [ImageTask(PROMPT, NEGATIVE, SEED + i) for i in range(batch)]

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 
 from sd_endpoint import metrics
-from sd_endpoint.backends.base import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.batching import AdmissionControl, MicroBatcher
 from sd_endpoint.errors import (
     GenerationCancelled,
@@ -26,6 +25,7 @@ from sd_endpoint.errors import (
     RequestTimeout,
     ServiceUnavailable,
 )
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
 from tests.server.helpers import FakeBackend, colour_of
 
 SPEC = GenerationSpec(64, 64, 3, 7.5, "ddim", 0.0)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_endpoint.backends.base import CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.errors import GenerationCancelled, RequestTimeout, ScreeningUnavailable
+from sd_endpoint.jobs import CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.safety.base import Verdict
 from sd_endpoint.service import SAFETY_HEADER, GenerationService
 from tests.conftest import small_request

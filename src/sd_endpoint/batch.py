@@ -498,8 +498,8 @@ class BatchRunner:
     def _generate(self, group: list[_Planned]) -> list[Prediction]:
         import base64
 
-        from sd_endpoint.backends.base import CancelToken
         from sd_endpoint.contract import ScoringRequest
+        from sd_endpoint.jobs import CancelToken
 
         rows = tuple(replace(p.row, position=i, index=i) for i, p in enumerate(group))
         request = ScoringRequest(self.spec, self.output_format, rows)

@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from sd_endpoint import metrics
-from sd_endpoint.backends.base import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.errors import (
     EndpointError,
     GenerationCancelled,
@@ -50,6 +49,7 @@ from sd_endpoint.errors import (
     RequestTimeout,
     ServiceUnavailable,
 )
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.logs import request_id
 
 log = logging.getLogger(__name__)

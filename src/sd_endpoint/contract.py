@@ -22,14 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from sd_endpoint.backends.base import (
-    SCHEDULER_NAMES,
-    SCHEDULERS_WITH_ETA,
-    GenerationSpec,
-    ImageTask,
-    SchedulerName,
-)
 from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
+from sd_endpoint.jobs import SCHEDULER_NAMES, SCHEDULERS_WITH_ETA, GenerationSpec, ImageTask, SchedulerName
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 COLUMNS = ("prompt", "negative_prompt", "seed")

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sd_endpoint import metrics
-from sd_endpoint.backends.base import Backend, BatchResult, CancelToken, GenerationSpec, ImageTask
+from sd_endpoint.backends.base import Backend
 from sd_endpoint.contract import Limits, RowRequest, ScoringRequest, decode_body, parse_request
 from sd_endpoint.errors import GenerationFailed, ScreeningUnavailable
 from sd_endpoint.imaging import encode_image, to_base64
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.safety.base import NullScreener, Screener, Verdict
 from sd_endpoint.settings import ContentSafetySettings, Settings
 

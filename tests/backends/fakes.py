@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sd_endpoint.backends.base import BatchResult, CancelToken, GenerationSpec, ImageTask, StepCallback
 from sd_endpoint.backends.deepspeed_backend import captured_batch_sizes
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend, WarmShape, shape_label
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask, StepCallback
 
 
 class FakeDeepSpeed:

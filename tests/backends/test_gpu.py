@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from sd_endpoint.backends.base import GenerationSpec, ImageTask
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend
+from sd_endpoint.jobs import GenerationSpec, ImageTask
 from sd_endpoint.model.loader import ModelSource, Placement, load_pipeline
 
 pytestmark = pytest.mark.gpu

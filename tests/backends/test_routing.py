@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sd_endpoint.backends.base import GenerationSpec, ImageTask
 from sd_endpoint.backends.deepspeed_backend import captured_batch_sizes
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend
 from sd_endpoint.backends.selection import RoutingBackend, split_batch
+from sd_endpoint.jobs import GenerationSpec, ImageTask
 from tests.backends.fakes import FakeDeepSpeed
 
 SPEC = GenerationSpec(64, 64, 2, 7.5, "ddim", 0.0)

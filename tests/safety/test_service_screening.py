@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from sd_endpoint import metrics
-from sd_endpoint.backends.base import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.errors import ScreeningUnavailable
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.safety.emulator import AacsEmulator, Policy
 from sd_endpoint.service import SAFETY_HEADER, GenerationService, ScoreResult
 from tests.conftest import small_request

@@ -25,7 +25,7 @@ import httpx
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from sd_endpoint.backends.base import BatchResult, CancelToken, GenerationSpec, ImageTask, StepCallback
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask, StepCallback
 
 REPO = Path(__file__).resolve().parents[2]
 SD_ENDPOINT = Path(sys.executable).with_name("sd-endpoint")

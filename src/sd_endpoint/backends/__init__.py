@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sd_endpoint.backends.base import Backend, BatchResult, CancelToken, GenerationSpec, ImageTask
+from sd_endpoint.backends.base import Backend
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.settings import Settings
 
 log = logging.getLogger(__name__)

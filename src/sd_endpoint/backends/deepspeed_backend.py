@@ -48,8 +48,8 @@ from typing import Any, Protocol
 
 import torch
 
-from sd_endpoint.backends.base import GenerationSpec
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend, WarmShape, shape_label
+from sd_endpoint.jobs import GenerationSpec
 
 log = logging.getLogger(__name__)
 

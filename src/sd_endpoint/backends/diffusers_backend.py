@@ -19,14 +19,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sd_endpoint.backends.base import (
-    BatchResult,
-    CancelToken,
-    GenerationSpec,
-    ImageTask,
-    SchedulerName,
-    StepCallback,
-)
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask, SchedulerName, StepCallback
 
 log = logging.getLogger(__name__)
 

@@ -36,16 +36,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sd_endpoint.backends.base import (
-    Backend,
-    BatchResult,
-    CancelToken,
-    GenerationSpec,
-    ImageTask,
-    StepCallback,
-)
+from sd_endpoint.backends.base import Backend
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend, WarmShape, shape_label
 from sd_endpoint.errors import ModelLoadError
+from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask, StepCallback
 from sd_endpoint.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sd_endpoint import metrics
-from sd_endpoint.backends.base import CancelToken
 from sd_endpoint.batching import AdmissionControl, BatchClient
 from sd_endpoint.contract import ErrorBody, ImageRecord, ScoreRequest, ScoringRequest
 from sd_endpoint.errors import (
@@ -25,6 +24,7 @@ from sd_endpoint.errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
 )
+from sd_endpoint.jobs import CancelToken
 from sd_endpoint.server import openapi
 from sd_endpoint.server.middleware import STATE_KEY
 from sd_endpoint.service import GenerationService, ScoreResult

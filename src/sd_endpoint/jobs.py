@@ -1,0 +1,99 @@
+"""Request-level work types shared by the contract, the batcher and the backends.
+
+A request becomes one ``GenerationSpec`` (what must be equal to share a pipeline call) and one
+``ImageTask`` per image; a ``CancelToken`` travels with it; a backend answers with a ``BatchResult``.
+Nothing here knows the wire format or the engine.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from sd_endpoint.errors import GenerationCancelled, RequestTimeout
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SchedulerName = Literal["ddim", "dpm_solver_multistep", "euler", "euler_ancestral", "pndm", "lms"]
+SCHEDULER_NAMES: tuple[SchedulerName, ...] = (
+    "ddim",
+    "dpm_solver_multistep",
+    "euler",
+    "euler_ancestral",
+    "pndm",
+    "lms",
+)
+# Schedulers whose step() takes eta; for the others a non-zero eta would be silently ignored.
+SCHEDULERS_WITH_ETA: frozenset[str] = frozenset({"ddim"})
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything that must be equal for images to share one pipeline call."""
+
+    height: int
+    width: int
+    steps: int
+    guidance_scale: float
+    scheduler: SchedulerName
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """One image to generate. The seed alone fixes its initial noise, whatever shares its batch."""
+
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+
+
+class CancelToken:
+    """Stops a generation between denoising steps: on request (client gone) or at a deadline."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self._event = threading.Event()
+        self.deadline = deadline  # time.monotonic() value
+        self.reason = ""
+        self.steps_done = 0
+
+    @classmethod
+    def with_timeout_ms(cls, timeout_ms: float | None) -> CancelToken:
+        return cls(None if timeout_ms is None else time.monotonic() + timeout_ms / 1000.0)
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        self.reason = reason
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise if the work should stop now; backends call this between steps."""
+        if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.reason = "timeout"
+            self._event.set()
+        if self._event.is_set():
+            # Several threads may check one token: whoever sees it first, a timeout is always a 408.
+            if self.reason == "timeout":
+                raise RequestTimeout(
+                    f"Generation stopped after {self.steps_done} denoising steps: the request timeout passed."
+                )
+            raise GenerationCancelled(f"Generation stopped: {self.reason}.")
+
+
+StepCallback = Callable[[int, int], None]  # (step index starting at 1, total steps)
+
+
+@dataclass
+class BatchResult:
+    images: list[Image.Image]
+    steps_done: int
+    seconds: float
+    # Per-image notes from the backend, e.g. "decoded again in fp32 after NaNs in fp16".
+    notes: list[list[str]] = field(default_factory=list)
