@@ -409,9 +409,7 @@ def test_a_timed_out_call_is_retried(make_screener: ScreenerFactory, emulator: A
     assert sum(1 for r in emulator.requests if r.status == 200 and r.kind == "text") >= 1
 
 
-def test_timeouts_exhaust_the_retries_the_message_names(
-    make_screener: ScreenerFactory, emulator: AacsEmulator
-) -> None:
+def test_timeouts_exhaust_the_retries_the_message_names(make_screener: ScreenerFactory, emulator: AacsEmulator) -> None:
     emulator.set_fault("slow", delay_s=3)
     started = time.monotonic()
     with pytest.raises(ScreeningUnavailable, match=r"did not answer within 0.3 s after 1 retry"):
