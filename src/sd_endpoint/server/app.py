@@ -34,7 +34,7 @@ from starlette.routing import Match
 from sd_endpoint import metrics
 from sd_endpoint.batching import AdmissionControl, MicroBatcher
 from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError, ServiceUnavailable
-from sd_endpoint.server import openapi
+from sd_endpoint.server import openai_images, openapi
 from sd_endpoint.server.auth import KeyCheck
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
 from sd_endpoint.server.routes import router
@@ -42,6 +42,9 @@ from sd_endpoint.service import GenerationService
 from sd_endpoint.settings import Settings
 
 log = logging.getLogger("sd_endpoint.server")
+
+# Every router the app serves (also what a 405 lists in Allow): the contract's routes, then OpenAI's API.
+_ROUTERS = (router, openai_images.router)
 
 # azmlinfsrv's wording for the errors Flask raises by itself.
 _HTTP_MESSAGES = {
@@ -234,7 +237,8 @@ def create_app(
         swagger_ui_oauth2_redirect_url=None,
     )
     app.state.sd = state
-    app.include_router(router)
+    for routes in _ROUTERS:
+        app.include_router(routes)
     app.add_middleware(RequestContextMiddleware)
     app.add_exception_handler(EndpointError, _endpoint_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -267,7 +271,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _allowed_methods(request: Request) -> list[str]:
     """Every method served at this path (Starlette's own Allow names only the first matching route's)."""
     methods: set[str] = set()
-    for route in router.routes:
+    for route in (route for routes in _ROUTERS for route in routes.routes):
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())

@@ -32,7 +32,20 @@ log = logging.getLogger("sd_endpoint.access")
 
 MAX_ID_CHARS = 100
 # Route labels for metrics: the paths we serve, everything else is "unmatched" (bounded cardinality).
-KNOWN_PATHS = frozenset({"/", "/ready", "/score", "/metrics", "/swagger.json", "/openapi.json", "/docs"})
+KNOWN_PATHS = frozenset(
+    {
+        "/",
+        "/ready",
+        "/score",
+        "/metrics",
+        "/swagger.json",
+        "/openapi.json",
+        "/docs",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/playground",
+    }
+)
 # Successful probes and scrapes come every few seconds; they log at DEBUG so they do not drown the rest.
 QUIET_PATHS = frozenset({"/", "/ready", "/metrics"})
 # Key in scope["state"] (request.state) where the route leaves what the log line should say.

@@ -202,10 +202,21 @@ async def score_options() -> Response:
 )
 async def score(request: Request) -> Response:
     state = _state(request)
-    info = _log_info(request)
     state.keys.check(request.headers.get("authorization"))
     check_content_type(request.headers.get("content-type"))
     body = await read_body(request, state.settings.max_body_bytes)
+    result = await run_score(request, body)
+    return JSONResponse(result.records, headers=result.headers)
+
+
+async def run_score(request: Request, body: bytes | dict[str, Any]) -> ScoreResult:
+    """Validate a contract body and run it through admission, the micro-batcher and the service.
+
+    The one entry every generating route takes (/score, and /v1/images/* once translated to the contract),
+    so that they share readiness, limits, batching, screening, timeouts and the request's log line.
+    """
+    state = _state(request)
+    info = _log_info(request)
     service = state.require_ready()
     scoring = service.parse(body)
     info["images"] = scoring.image_count
@@ -245,7 +256,7 @@ async def score(request: Request) -> Response:
         batch_images=client.batch_images,
         timings_ms={k: round(v * 1000, 1) for k, v in timings.items()},
     )
-    return JSONResponse(result.records, headers=result.headers)
+    return result
 
 
 def _score_blocking(

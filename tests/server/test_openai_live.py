@@ -1,0 +1,95 @@
+"""The official ``openai`` package, unchanged, against ``sd-endpoint serve`` (uvicorn on loopback, tiny model).
+
+``base_url`` points at the server's ``/v1``; the key is the endpoint's own, sent as ``Authorization: Bearer``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.server.helpers import LiveServer, model_env
+
+pytestmark = pytest.mark.slow
+
+KEY = "openai-live-key-161803"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    env = model_env(tiny_model_dir, cache_dir, keys=KEY, default_height=64, default_width=64, default_steps=2)
+    live = LiveServer(env, tmp_path_factory.mktemp("openai-live") / "server.log")
+    live.key = KEY
+    live.start()
+    try:
+        yield live
+    finally:
+        code = live.stop()
+        assert code == 0, live.logs()[-3000:]
+
+
+@pytest.fixture
+def client(server: LiveServer) -> openai.OpenAI:
+    # No retries: a 429/5xx must surface here, not be retried into a pass.
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=300)
+
+
+def pixels(b64: str | None) -> np.ndarray:
+    assert b64
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    image.load()
+    return np.asarray(image.convert("RGB"))
+
+
+def test_generate_returns_decodable_images_with_their_seeds(client: openai.OpenAI, server: LiveServer) -> None:
+    extras = {"steps": 2, "guidance_scale": 6.0, "negative_prompt": "blurry"}
+    resp = client.images.generate(
+        prompt="a lighthouse at dawn",
+        n=2,
+        size="64x64",  # type: ignore[arg-type]  # the SDK's Literal lists OpenAI's sizes; the wire takes any
+        response_format="b64_json",
+        extra_body={"seed": 7, **extras},
+    )
+    assert resp.data is not None and len(resp.data) == 2
+    first, second = (pixels(item.b64_json) for item in resp.data)
+    assert first.shape == second.shape == (64, 64, 3)
+    assert first.std() > 1 and not np.array_equal(first, second)  # a real picture, two different seeds
+    assert [item.model_extra["seed"] for item in resp.data] == [7, 8]  # type: ignore[index]
+
+    again = client.images.generate(prompt="a lighthouse at dawn", extra_body={"seed": 8, **extras})
+    assert again.data is not None and again.size == "64x64"  # "auto": the server's default size
+    # The same seed gives the same image, alone or second in a batch (the seed fixes the noise; 1/255 of slack
+    # for batched CPU arithmetic).
+    assert np.abs(pixels(again.data[0].b64_json).astype(int) - second).max() <= 1
+
+    jpeg = client.images.generate(prompt="a cat", output_format="jpeg", extra_body={"steps": 2})
+    assert jpeg.data is not None and pixels(jpeg.data[0].b64_json).shape == (64, 64, 3)
+    metrics = server.metrics()
+    assert metrics['sd_requests_total{route="/v1/images/generations",status="200"}'] >= 3
+
+
+def test_errors_surface_as_the_sdks_exceptions_with_our_message(client: openai.OpenAI, server: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.generate(prompt="a cat", size="100x64")  # type: ignore[arg-type]
+    assert bad.value.status_code == 400 and bad.value.param == "size"
+    assert "size (width): must be a multiple of 8" in bad.value.message
+
+    with pytest.raises(openai.BadRequestError) as url:
+        client.images.generate(prompt="a cat", response_format="url")
+    assert url.value.code == "unsupported_response_format" and "b64_json" in url.value.message
+
+    with pytest.raises(openai.BadRequestError) as steps:
+        client.images.generate(prompt="a cat", extra_body={"steps": 10_000})
+    assert steps.value.param == "steps" and "steps: must be between 1 and 150" in steps.value.message
+
+    wrong_key = openai.OpenAI(base_url=f"{server.url}/v1", api_key="not-the-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as denied:
+        wrong_key.images.generate(prompt="a cat")
+    assert denied.value.code == "invalid_api_key" and "Invalid key" in denied.value.message
