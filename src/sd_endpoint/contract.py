@@ -16,10 +16,12 @@ Unknown keys are errors that list the allowed ones: Azure ignores them silently,
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
@@ -31,6 +33,9 @@ MAX_SEED = 2**63 - 1
 MIN_SIDE = 64
 MAX_SIDE = 4096
 MAX_GUIDANCE = 50.0
+# Deepest JSON nesting accepted. A valid request nests 4 levels ({"input_data": {"data": [[...]]}}); the
+# bound keeps every later walk (pydantic, our own) far from Python's recursion limit.
+MAX_JSON_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -187,10 +192,38 @@ def _check_text(value: str | None, info: ValidationInfo, *, allow_empty: bool) -
         return None
     if not allow_empty and not value.strip():
         raise ValueError("must not be empty")
+    bad = unencodable_at(value)
+    if bad is not None:
+        # JSON's "\ud800" escape decodes to a lone surrogate: no tokenizer can encode it.
+        raise ValueError(f"holds a lone UTF-16 surrogate at character {bad}, which is not text")
     limits: Limits = (info.context or {}).get("limits", Limits())
     if len(value) > limits.max_prompt_chars:
         raise ValueError(f"must be at most {limits.max_prompt_chars} characters (got {len(value)})")
     return value
+
+
+def unencodable_at(text: str) -> int | None:
+    """Index of the first character that UTF-8 cannot encode (a lone surrogate), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]++")
+_STEP = np.zeros(256, dtype=np.int32)
+_STEP[[ord("["), ord("{")]] = 1
+_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(text: str) -> int:
+    """How deep the brackets of a JSON text nest, counted without parsing (no recursion, no Python loop)."""
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode("ascii")
+    if not brackets:
+        return 0
+    return int(np.cumsum(_STEP[np.frombuffer(brackets, dtype=np.uint8)]).max())
 
 
 def _reject_constant(name: str) -> float:
@@ -210,6 +243,9 @@ def decode_body(body: bytes | str, *, max_bytes: int | None = None) -> Any:
         text = body
     if not text.strip():
         raise InvalidRequest('Request body is empty; expected a JSON object with "input_data".')
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"Request body nests {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted.")
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except (json.JSONDecodeError, ValueError) as exc:
@@ -223,11 +259,37 @@ def parse_request(body: bytes | str | Any, limits: Limits, *, decoded: bool = Fa
         raise InvalidRequest(f'Request body must be a JSON object with "input_data"; got a JSON {_json_type(payload)}.')
     if "input_data" not in payload:
         raise InvalidRequest('Missing "input_data": expected {"input_data": {"columns": ["prompt"], "data": ["..."]}}.')
+    _check_strings(payload, "", 0)
     try:
         request = ScoreRequest.model_validate(payload, context={"limits": limits})
     except ValidationError as exc:
         raise InvalidRequest(_describe(exc)) from None
     return _resolve(request, limits)
+
+
+def _check_strings(value: Any, path: str, depth: int, *, strings: bool = True) -> None:
+    """Refuse lone surrogates in keys and strings (they cannot be encoded, logged or echoed) and nesting
+    past MAX_JSON_DEPTH (an already decoded body never went through ``decode_body``'s check).
+
+    Row values are left to the row model, whose message names the column (prompt, negative_prompt).
+    """
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"{path or 'body'}: nests deeper than {MAX_JSON_DEPTH} levels.")
+    if isinstance(value, str) and strings:
+        bad = unencodable_at(value)
+        if bad is not None:
+            raise InvalidRequest(
+                f"{path or 'body'}: holds a lone UTF-16 surrogate at character {bad}, which is not text."
+            )
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if strings and unencodable_at(str(key)) is not None:
+                raise InvalidRequest(f"{path or 'body'}: a key holds a lone UTF-16 surrogate, which is not text.")
+            _check_strings(item, where, depth + 1, strings=strings and where != "input_data.data")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_strings(item, f"{path}[{i}]", depth + 1, strings=strings)
 
 
 def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
@@ -297,9 +359,7 @@ def _check_columns(columns: list[str] | None) -> list[str] | None:
         return None
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
-        raise InvalidRequest(
-            f"input_data.columns: unknown column(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(COLUMNS)}."
-        )
+        raise InvalidRequest(f"input_data.columns: unknown column(s) {_names(unknown)}; allowed: {', '.join(COLUMNS)}.")
     if len(set(columns)) != len(columns):
         raise InvalidRequest("input_data.columns: a column is listed twice.")
     if "prompt" not in columns:
@@ -319,9 +379,7 @@ def _row(pos: int, item: Any, columns: list[str] | None, limits: Limits) -> Row:
     elif isinstance(item, dict):
         unknown = [k for k in item if k not in COLUMNS]
         if unknown:
-            raise InvalidRequest(
-                f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(COLUMNS)}."
-            )
+            raise InvalidRequest(f"{where}: unknown key(s) {_names(unknown)}; allowed: {', '.join(COLUMNS)}.")
         if columns is not None:
             missing = [k for k in item if k not in columns]
             if missing:
@@ -376,7 +434,7 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
         if err["type"] == "extra_forbidden":
             parent = loc[-2] if len(loc) >= 2 else ""
             allowed = _ALLOWED_BY_PARENT.get(parent, list(COLUMNS))
-            msg = f"unknown field '{loc[-1]}'; allowed: {', '.join(allowed)}"
+            msg = f"unknown field {_clipped(loc[-1])!r}; allowed: {', '.join(allowed)}"
             path = path.rsplit(".", 1)[0] if "." in path else "body"
         elif err["type"] == "missing":
             msg = "is required"
@@ -392,6 +450,15 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
 
 
 _UNION_TAGS = ("str", "dict[str,any]", "list[any]", "int")
+
+
+def _clipped(name: str, limit: int = 64) -> str:
+    """A client-chosen name, cut short enough to echo in a message and a log line."""
+    return name if len(name) <= limit else f"{name[:limit]}... ({len(name)} characters)"
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(repr(_clipped(n)) for n in names[:5]) + (", ..." if len(names) > 5 else "")
 
 
 def _shown(got: Any) -> str:

@@ -82,15 +82,17 @@ class ServerState:
             raise self.not_ready()
         return self.service
 
-    def not_ready(self) -> ServiceUnavailable:
+    def not_ready(self, *, detail: bool = True) -> ServiceUnavailable:
+        """Why requests are refused now; ``detail`` False leaves out the load error (it may name paths)."""
+        failed = f"The model failed to load: {self.error}" if detail else "The model failed to load (see the log)."
         messages = {
             "loading": "The model is loading; retry when GET /ready answers 200.",
             "warming up": "The model is warming up; retry when GET /ready answers 200.",
             "shutting down": "The server is shutting down.",
-            "failed": f"The model failed to load: {self.error}",
+            "failed": failed,
         }
-        retry = {"Retry-After": str(_LOADING_RETRY_S)} if self.phase in ("loading", "warming up") else {}
-        return ServiceUnavailable(messages.get(self.phase, "Not ready."), headers=retry)
+        retry = _LOADING_RETRY_S if self.phase in ("loading", "warming up") else 5
+        return ServiceUnavailable(messages.get(self.phase, "Not ready."), retry_after_s=retry)
 
     def begin_drain(self) -> None:
         """SIGTERM: report not-ready at once, so that load balancers stop sending work while we finish."""
@@ -235,6 +237,8 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        # No 307 from /score/ to a Location built from the client's Host header: /score/ is a plain 404.
+        redirect_slashes=False,
     )
     app.state.sd = state
     for routes in _ROUTERS:

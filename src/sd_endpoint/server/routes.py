@@ -120,7 +120,7 @@ async def liveness(request: Request) -> Response:
     """`Healthy` while the process can serve, including while the model loads."""
     state = _state(request)
     if state.phase == "failed":
-        raise ServiceUnavailable(f"The model failed to load: {state.error}")
+        raise state.not_ready(detail=state.keys.allows(request.headers.get("authorization")))
     return PlainTextResponse("Healthy")
 
 
@@ -136,8 +136,12 @@ async def liveness(request: Request) -> Response:
 async def readiness(request: Request) -> Response:
     """200 once the model is loaded and one warm-up generation has run; 503 before that and while draining."""
     state = _state(request)
+    # Without the key (when keys are set) only whether and why: the model's path and build stay private.
+    full = state.keys.allows(request.headers.get("authorization"))
     if state.phase != "ready" or state.service is None:
-        raise state.not_ready()
+        raise state.not_ready(detail=full)
+    if not full:
+        return JSONResponse({"status": "ready"})
     body: dict[str, Any] = {"status": "ready", **state.service.backend.describe()}
     body["load_seconds"] = round(state.load_seconds, 3)
     body["warmup_seconds"] = round(state.warmup_seconds, 3)
