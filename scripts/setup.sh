@@ -37,5 +37,8 @@ echo "setup: installing sd-endpoint and its dependencies ..." >&2
 quiet $pip -c constraints.txt -e ".[azureml,dev]"
 # open-clip-torch only provides the CLIP BPE vocabulary file; its own deps (torchvision, timm) are not needed.
 quiet $pip -c constraints.txt --no-deps open-clip-torch
+# DeepSpeed's Triton attention kernel uses tl.make_block_ptr, which Triton 3.9 removed; the CPU tests run it
+# in Triton's interpreter. Not in constraints.txt: the GPU image takes the Triton its CUDA torch pins.
+quiet $pip "triton==3.8.0"
 echo "$want" > "$stamp"
 echo "setup: done ($VENV)" >&2
