@@ -140,6 +140,15 @@ def test_bodies_that_are_not_a_json_object(client: TestClient) -> None:
     assert resp.status_code == 415 and "application/json" in error_of(resp)["message"]
 
 
+@pytest.mark.parametrize(("field", "param"), [("prompt", "prompt"), ("negative_prompt", "negative_prompt")])
+def test_a_lone_surrogate_is_a_400_naming_the_field(client: TestClient, field: str, param: str) -> None:
+    raw = f'{{"prompt": "a cat", "size": "64x64", "{field}": "bad \\ud800 text"}}'
+    resp = client.post(URL, content=raw.encode(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text
+    error = error_of(resp)
+    assert error["param"] == param and "surrogate" in error["message"]
+
+
 def test_size_limit_is_a_413_in_openai_shape() -> None:
     app, _ = fake_app(max_body_bytes=2048)
     with TestClient(app) as c:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -93,3 +94,28 @@ def test_errors_surface_as_the_sdks_exceptions_with_our_message(client: openai.O
     with pytest.raises(openai.AuthenticationError) as denied:
         wrong_key.images.generate(prompt="a cat")
     assert denied.value.code == "invalid_api_key" and "Invalid key" in denied.value.message
+
+
+def test_the_readme_snippet_runs_as_written(
+    server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    found = re.search(r"```python\n(import base64\n.*?from openai import OpenAI\n.*?)```", readme, re.S)
+    assert found, "README: the OpenAI snippet is missing"
+    code = found.group(1)
+    # Only the address, the key and the cost change: tiny size and 2 steps on this machine.
+    for old, new in (
+        ("http://127.0.0.1:5001/v1", f"{server.url}/v1"),
+        ('"<key, or anything when no keys are set>"', repr(KEY)),
+        ('size="768x768"', 'size="64x64"'),
+        ('"steps": 30', '"steps": 2'),
+    ):
+        assert code.count(old) == 1, old
+        code = code.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    written = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in written] == ["lighthouse-42.png", "lighthouse-43.png"]
+    for path in written:
+        with Image.open(path) as image:
+            assert image.size == (64, 64)

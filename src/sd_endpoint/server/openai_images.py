@@ -112,7 +112,7 @@ def error_body(exc: EndpointError) -> dict[str, Any]:
     kind = _ERROR_TYPES.get(status, "server_error")
     return {
         "error": {
-            "message": exc.message,
+            "message": exc.body()["message"],  # the hierarchy's rendering (lone surrogates escaped)
             "type": kind,
             "param": getattr(exc, "param", None),
             "code": getattr(exc, "code", None) or _ERROR_CODES.get(status),
