@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from sd_endpoint import metrics
@@ -68,6 +68,8 @@ class GenerationService:
             default_width=settings.default_width or width,
             default_steps=settings.default_steps,
             default_guidance_scale=settings.default_guidance_scale,
+            max_image_bytes=settings.max_image_bytes,
+            max_input_pixels=settings.max_input_pixels,
         )
         self.ready = False
         self._encoder = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
@@ -162,6 +164,24 @@ class GenerationService:
         return scoring.result()
 
     # -- helpers -------------------------------------------------------------------------------
+    def _screen_inputs(self, rows: Sequence[RowRequest], verdicts: Sequence[Verdict | None]) -> list[Verdict | None]:
+        """Screen each input image whose prompt passed; a blocked input blocks its row, like a prompt."""
+        todo = [
+            (i, row.image)
+            for i, (row, v) in enumerate(zip(rows, verdicts, strict=True))
+            if row.image is not None and (v is None or not v.blocked)
+        ]
+        out = list(verdicts)
+        if not todo:
+            return out
+        # The image as the model sees it (RGB, resized into the pixel cap): within the screening
+        # service's size limits whatever was uploaded.
+        encoded = list(self._encoder.map(lambda item: encode_image(item[1], "png"), todo))
+        for (i, _), verdict in zip(todo, self.screener.screen_images(encoded), strict=True):
+            if verdict.blocked:
+                out[i] = replace(verdict, stage="input_image")
+        return out
+
     def _fail_open_or_raise(self, exc: ScreeningUnavailable) -> bool:
         if not self.fail_open:
             raise exc
@@ -230,23 +250,36 @@ class Scoring:
             return
         started = time.perf_counter()
         rows = self.request.rows
+        verdicts: list[Verdict | None] = [None] * len(rows)
         try:
-            verdicts = self.service.screener.screen_prompts([(r.prompt, r.negative_prompt) for r in rows])
+            verdicts = list(self.service.screener.screen_prompts([(r.prompt, r.negative_prompt) for r in rows]))
         except ScreeningUnavailable as exc:
             self.skipped = self.service._fail_open_or_raise(exc)
-        else:
-            by_row = dict(zip((r.position for r in rows), verdicts, strict=True))
-            for verdict in verdicts:
-                if verdict.blocked:
-                    self.service._count_blocked(verdict)
-            for image in self.images:
-                image.prompt_verdict = by_row[image.row.position]
         self._timed("screen_prompt", started)
         metrics.SCREENING_SECONDS.labels("prompt").observe(self.timings["screen_prompt"])
+        # A blocked input image blocks its row from here on, as a blocked prompt does.
+        if not self.skipped and self.spec.task != "text-to-image":
+            started = time.perf_counter()
+            try:
+                verdicts = self.service._screen_inputs(rows, verdicts)
+            except ScreeningUnavailable as exc:
+                self.skipped = self.service._fail_open_or_raise(exc)
+            self._timed("screen_input_image", started)
+            metrics.SCREENING_SECONDS.labels("input_image").observe(self.timings["screen_input_image"])
+        by_row = dict(zip((r.position for r in rows), verdicts, strict=True))
+        for verdict in verdicts:
+            if verdict is not None and verdict.blocked:
+                self.service._count_blocked(verdict)
+        for image in self.images:
+            image.prompt_verdict = by_row[image.row.position]
 
     def tasks(self) -> list[ImageTask]:
         """What to generate, in order: one task per wanted image."""
-        return [ImageTask(i.row.prompt, i.row.negative_prompt, i.seed) for i in self.images if i.wanted]
+        return [
+            ImageTask(i.row.prompt, i.row.negative_prompt, i.seed, i.row.image, i.row.mask)
+            for i in self.images
+            if i.wanted
+        ]
 
     def take(self, result: BatchResult, *, generate_s: float) -> None:
         """The backend's images (in ``tasks()`` order) and how long the pipeline call took."""
