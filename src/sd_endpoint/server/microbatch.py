@@ -271,10 +271,10 @@ class MicroBatcher:
             self.death = reason
             stranded = list(self._pending) + list(self._running)
             self._pending.clear()
+        if self._on_death is not None:  # first, so that whoever gets a 503 below finds liveness failing
+            self._on_death(reason)
         for job in stranded:
             self._post(job, ServiceUnavailable(f"The generation worker stopped ({reason}); retry on another instance."))
-        if self._on_death is not None:
-            self._on_death(reason)
 
     def _take(self) -> list[Job] | None:
         with self._cond:

@@ -98,6 +98,8 @@ class ServerState:
     @property
     def alive(self) -> bool:
         """Liveness: false once the model failed to load or the worker died (the platform restarts us)."""
+        if self.batcher is not None and self.batcher.death is not None:
+            self._worker_died(self.batcher.death)
         return self._phase not in (Phase.FAILED, Phase.BROKEN)
 
     def not_ready(self, *, detail: bool = True) -> ServiceUnavailable:
