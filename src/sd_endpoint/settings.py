@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=4, ge=1, description="Images per micro-batched pipeline call (1: off).")
     batch_wait_ms: int = Field(default=10, ge=0, description="How long a batch waits for batch-mates.")
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="On SIGTERM, time to finish in-flight requests.")
+    body_read_timeout_s: float = Field(
+        default=5.0, gt=0, description="Longest wait for each chunk of a request body before 408 (slow clients)."
+    )
+    max_connections: int = Field(
+        default=200, ge=1, description="Open connections uvicorn serves at once; past it, a plain-text 503."
+    )
     log_prompts: bool = Field(default=False, description="Log prompt text (off: prompts never reach the logs).")
     log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per line.")
     log_level: str = Field(default="INFO", description="Python logging level.")

@@ -164,7 +164,14 @@ def run_server(settings: Settings) -> int:
 
     app = create_app(settings, on_fatal=fatal)
     state: ServerState = app.state.sd
-    config = uvicorn.Config(
+    server = _DrainingServer(uvicorn_config(app, settings), state)
+    server.run()
+    return state.exit_code
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """How uvicorn serves the app (also what the reliability tests run in a thread)."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -173,10 +180,9 @@ def run_server(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
         server_header=False,
+        # Past this many open connections uvicorn answers 503 itself (plain text: before our app runs).
+        limit_concurrency=settings.max_connections,
     )
-    server = _DrainingServer(config, state)
-    server.run()
-    return state.exit_code
 
 
 class _DrainingServer(uvicorn.Server):  # type: ignore[misc]

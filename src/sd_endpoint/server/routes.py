@@ -376,8 +376,12 @@ def check_content_type(value: str | None) -> None:
         raise UnsupportedMediaType(f"Content-Type must be application/json (got {media_type!r}).")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes (413) whether or not Content-Length says so."""
+async def read_body(request: Request, limit: int, chunk_timeout_s: float | None = None) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes (413) whether or not Content-Length says so, and
+    (408) a client that lets ``chunk_timeout_s`` pass without sending the next chunk: a connection that
+    declares a body and trickles it must not hold a socket open for ever. Default: the app's setting."""
+    if chunk_timeout_s is None:
+        chunk_timeout_s = _state(request).settings.body_read_timeout_s
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -391,7 +395,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     received = 0
     stream = request.stream()
-    async for chunk in stream:
+    while True:
+        try:
+            async with asyncio.timeout(chunk_timeout_s):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive: no data for {chunk_timeout_s:g} s after {received} bytes "
+                "(SD_ENDPOINT_BODY_READ_TIMEOUT_S)."
+            ) from None
         received += len(chunk)
         if received > limit:
             await _drain(stream, _DRAIN_LIMIT - received)
