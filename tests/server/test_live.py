@@ -70,7 +70,8 @@ def post(server: LiveServer, body: Any, **headers: str) -> httpx.Response:
 def test_every_route(server: LiveServer) -> None:
     live = httpx.get(f"{server.url}/")
     assert (live.status_code, live.text) == (200, "Healthy")
-    ready = httpx.get(f"{server.url}/ready").json()
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}  # no key: only whether
+    ready = httpx.get(f"{server.url}/ready", headers=server.headers()).json()
     assert (ready["status"], ready["backend"], ready["device"], ready["dtype"]) == (
         "ready",
         "diffusers",
