@@ -12,6 +12,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _triton_interpreter_without_cuda() -> None:
+    """Without CUDA, Triton kernels (DeepSpeed's attention, tests/backends/ds_triton.py) can only run in
+    Triton's interpreter, and that is decided when triton is first imported (diffusers imports it)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_triton_interpreter_without_cuda()
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One cache folder for the session (tokenizer files, demo model), like ~/.cache/sd-endpoint."""

@@ -32,7 +32,8 @@ class EndpointError(Exception):
         self.headers: dict[str, str] = dict(headers or {})
 
     def body(self) -> dict[str, str]:
-        return {"message": self.message}
+        # A message that quotes client text must still encode: a lone surrogate becomes a \uXXXX escape.
+        return {"message": self.message.encode("utf-8", "backslashreplace").decode("utf-8")}
 
 
 class InvalidRequest(EndpointError):
@@ -70,7 +71,12 @@ class Overloaded(EndpointError):
 
 
 class ServiceUnavailable(EndpointError):
+    """Always carries Retry-After (the OpenAPI document promises it on every 503)."""
+
     status_code = 503
+
+    def __init__(self, message: str, *, retry_after_s: int = 5, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s)), **(headers or {})})
 
 
 class GenerationCancelled(EndpointError):

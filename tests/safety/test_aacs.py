@@ -393,3 +393,19 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         assert screener.endpoint == "https://res.cognitiveservices.azure.com" and screener.uses_key
     finally:
         screener.close()
+
+
+def test_a_timed_out_call_is_retried(make_screener: ScreenerFactory, emulator: AacsEmulator) -> None:
+    # azure-core never retries a POST after a read timeout; our policy must, as the 503 message says.
+    emulator.set_fault("slow", delay_s=3, count=1)
+    (verdict,) = make_screener(timeout_s=0.5, retries=1).screen_prompts([("hexathorn", None)])
+    assert verdict.blocked
+    assert sum(1 for r in emulator.requests if r.status == 200 and r.kind == "text") >= 1
+
+
+def test_timeouts_exhaust_the_retries_the_message_names(make_screener: ScreenerFactory, emulator: AacsEmulator) -> None:
+    emulator.set_fault("slow", delay_s=3)
+    started = time.monotonic()
+    with pytest.raises(ScreeningUnavailable, match=r"did not answer within 0.3 s after 1 retry"):
+        make_screener(timeout_s=0.3, retries=1).screen_prompts([("a cat", None)])
+    assert time.monotonic() - started >= 0.6  # two attempts, each waited for its full timeout

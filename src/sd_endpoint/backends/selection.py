@@ -98,7 +98,9 @@ def deepspeed_blocker(device: str, dtype: str, shapes: Sequence[WarmShape]) -> s
         return "SD_ENDPOINT_WARM_SHAPES is empty: the DeepSpeed path serves only shapes captured at start-up"
     if not deepspeed_installed():
         return "DeepSpeed is not installed (pip install 'sd-endpoint[gpu]')"
-    return None
+    from sd_endpoint.backends.deepspeed_attention import triton_blocker
+
+    return triton_blocker()
 
 
 # ------------------------------------------------------------------------------------------------

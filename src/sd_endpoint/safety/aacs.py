@@ -450,7 +450,15 @@ def _session(pool_size: int) -> requests.Session:
 
 class BoundedRetryPolicy(RetryPolicy):  # type: ignore[type-arg]
     """azure-core's retry policy, with a server's Retry-After capped at the backoff maximum, so one
-    throttled call cannot hold a request for as long as the service asks."""
+    throttled call cannot hold a request for as long as the service asks.
+
+    azure-core retries a POST only on 500/503/504 answers, never after a read timeout or a dropped
+    connection. The analyze calls change nothing on the service, so they are safe to repeat: every
+    failure the retry budget covers is retried, and "after N retries" in the 503 message is true.
+    """
+
+    def _is_method_retryable(self, settings: Any, request: Any, response: Any = None) -> bool:
+        return True
 
     def _sleep_for_retry(self, response: Any, transport: Any) -> bool:
         retry_after = self.get_retry_after(response)

@@ -34,7 +34,7 @@ from starlette.routing import Match
 from sd_endpoint import metrics
 from sd_endpoint.batching import AdmissionControl, MicroBatcher
 from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError, ServiceUnavailable
-from sd_endpoint.server import openapi
+from sd_endpoint.server import openai_images, openapi, playground
 from sd_endpoint.server.auth import KeyCheck
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
 from sd_endpoint.server.routes import router
@@ -42,6 +42,9 @@ from sd_endpoint.service import GenerationService
 from sd_endpoint.settings import Settings
 
 log = logging.getLogger("sd_endpoint.server")
+
+# Every router the app serves (also what a 405 lists in Allow): the contract's routes, OpenAI's API, the page.
+_ROUTERS = (router, openai_images.router, playground.router)
 
 # azmlinfsrv's wording for the errors Flask raises by itself.
 _HTTP_MESSAGES = {
@@ -79,15 +82,17 @@ class ServerState:
             raise self.not_ready()
         return self.service
 
-    def not_ready(self) -> ServiceUnavailable:
+    def not_ready(self, *, detail: bool = True) -> ServiceUnavailable:
+        """Why requests are refused now; ``detail`` False leaves out the load error (it may name paths)."""
+        failed = f"The model failed to load: {self.error}" if detail else "The model failed to load (see the log)."
         messages = {
             "loading": "The model is loading; retry when GET /ready answers 200.",
             "warming up": "The model is warming up; retry when GET /ready answers 200.",
             "shutting down": "The server is shutting down.",
-            "failed": f"The model failed to load: {self.error}",
+            "failed": failed,
         }
-        retry = {"Retry-After": str(_LOADING_RETRY_S)} if self.phase in ("loading", "warming up") else {}
-        return ServiceUnavailable(messages.get(self.phase, "Not ready."), headers=retry)
+        retry = _LOADING_RETRY_S if self.phase in ("loading", "warming up") else 5
+        return ServiceUnavailable(messages.get(self.phase, "Not ready."), retry_after_s=retry)
 
     def begin_drain(self) -> None:
         """SIGTERM: report not-ready at once, so that load balancers stop sending work while we finish."""
@@ -232,9 +237,12 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
+        # No 307 from /score/ to a Location built from the client's Host header: /score/ is a plain 404.
+        redirect_slashes=False,
     )
     app.state.sd = state
-    app.include_router(router)
+    for routes in _ROUTERS:
+        app.include_router(routes)
     app.add_middleware(RequestContextMiddleware)
     app.add_exception_handler(EndpointError, _endpoint_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -267,7 +275,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 def _allowed_methods(request: Request) -> list[str]:
     """Every method served at this path (Starlette's own Allow names only the first matching route's)."""
     methods: set[str] = set()
-    for route in router.routes:
+    for route in (route for routes in _ROUTERS for route in routes.routes):
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             methods |= set(getattr(route, "methods", None) or ())

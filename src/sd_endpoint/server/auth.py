@@ -24,6 +24,14 @@ class KeyCheck:
     def enabled(self) -> bool:
         return bool(self._keys)
 
+    def allows(self, authorization: str | None) -> bool:
+        """Whether the header would pass ``check`` (always, when no key is configured)."""
+        try:
+            self.check(authorization)
+        except Unauthorized:
+            return False
+        return True
+
     def check(self, authorization: str | None) -> None:
         """Raise Unauthorized (401 + WWW-Authenticate) unless the header carries a configured key."""
         if not self._keys:

@@ -5,7 +5,7 @@ Request ids follow azmlinfsrv (``azure-contract.md`` section 3):
 * ``x-request-id`` is echoed, or a fresh uuid4 when absent; it is the id on every log line of the request.
 * ``x-ms-client-request-id`` is echoed (or filled from ``x-ms-request-id`` when only that was sent).
 * ``x-ms-request-id`` is echoed, else taken from ``x-ms-client-request-id``, else from ``x-request-id``.
-* Any of them over 100 characters is refused with 431. ``TraceId`` is echoed.
+* Any of them, and ``TraceId`` (echoed too), over 100 characters is refused with 431.
 * On ``/score``: ``x-ms-run-fn-exec-ms`` (time to the response, ``%.3f`` ms) and ``x-ms-run-function-failed``.
 
 Written as plain ASGI (not ``BaseHTTPMiddleware``) so that it does not buffer responses or interfere with
@@ -31,8 +31,23 @@ from sd_endpoint.logs import request_id
 log = logging.getLogger("sd_endpoint.access")
 
 MAX_ID_CHARS = 100
+# Longest client-chosen text (a path, an error that quotes input) on the access-log line.
+MAX_LOGGED_CHARS = 300
 # Route labels for metrics: the paths we serve, everything else is "unmatched" (bounded cardinality).
-KNOWN_PATHS = frozenset({"/", "/ready", "/score", "/metrics", "/swagger.json", "/openapi.json", "/docs"})
+KNOWN_PATHS = frozenset(
+    {
+        "/",
+        "/ready",
+        "/score",
+        "/metrics",
+        "/swagger.json",
+        "/openapi.json",
+        "/docs",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/playground",
+    }
+)
 # Successful probes and scrapes come every few seconds; they log at DEBUG so they do not drown the rest.
 QUIET_PATHS = frozenset({"/", "/ready", "/metrics"})
 # Key in scope["state"] (request.state) where the route leaves what the log line should say.
@@ -56,6 +71,8 @@ def request_id_headers(headers: Headers) -> dict[str, str]:
         out["x-ms-client-request-id"] = client_rid or ms_rid
     out["x-ms-request-id"] = ms_rid or client_rid or rid
     trace = headers.get("traceid")
+    if trace and len(trace) > MAX_ID_CHARS:
+        raise RequestHeaderTooLarge(f"TraceId must not exceed {MAX_ID_CHARS} characters")
     if trace:
         out["TraceId"] = trace
     return out
@@ -114,7 +131,7 @@ class RequestContextMiddleware:
                 "message": "The server is shutting down and the request did not finish within "
                 "SD_ENDPOINT_SHUTDOWN_GRACE_S; retry."
             }
-            await JSONResponse(body, 503)(scope, receive, send_with_headers)
+            await JSONResponse(body, 503, headers={"Retry-After": "5"})(scope, receive, send_with_headers)
         except Exception:
             log.exception("Unhandled error while serving %s %s", scope.get("method"), path)
             if not response_started:
@@ -132,6 +149,7 @@ class RequestContextMiddleware:
 
     @staticmethod
     def _log(scope: Scope, path: str, status: int, elapsed: float, ids: dict[str, str], info: dict[str, Any]) -> None:
+        path = _bounded(path)
         if status >= 500 and status != 503:
             level = logging.WARNING
         elif path in QUIET_PATHS and status < 400:
@@ -153,5 +171,12 @@ class RequestContextMiddleware:
             extra["client"] = client[0]
         if "x-ms-client-request-id" in ids:
             extra["client_request_id"] = ids["x-ms-client-request-id"]
-        extra.update(info)
+        extra.update({k: _bounded(v) if isinstance(v, str) else v for k, v in info.items()})
         log.log(level, "%s %s %d %.1f ms", method, path, status, elapsed * 1000, extra=extra)
+
+
+def _bounded(text: str) -> str:
+    """Client-controlled text cut to MAX_LOGGED_CHARS, so a 100 kB URL cannot make a 200 kB log line."""
+    if len(text) <= MAX_LOGGED_CHARS:
+        return text
+    return f"{text[:MAX_LOGGED_CHARS]}...({len(text)} characters)"

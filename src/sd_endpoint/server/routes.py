@@ -120,7 +120,7 @@ async def liveness(request: Request) -> Response:
     """`Healthy` while the process can serve, including while the model loads."""
     state = _state(request)
     if state.phase == "failed":
-        raise ServiceUnavailable(f"The model failed to load: {state.error}")
+        raise state.not_ready(detail=state.keys.allows(request.headers.get("authorization")))
     return PlainTextResponse("Healthy")
 
 
@@ -136,8 +136,12 @@ async def liveness(request: Request) -> Response:
 async def readiness(request: Request) -> Response:
     """200 once the model is loaded and one warm-up generation has run; 503 before that and while draining."""
     state = _state(request)
+    # Without the key (when keys are set) only whether and why: the model's path and build stay private.
+    full = state.keys.allows(request.headers.get("authorization"))
     if state.phase != "ready" or state.service is None:
-        raise state.not_ready()
+        raise state.not_ready(detail=full)
+    if not full:
+        return JSONResponse({"status": "ready"})
     body: dict[str, Any] = {"status": "ready", **state.service.backend.describe()}
     body["load_seconds"] = round(state.load_seconds, 3)
     body["warmup_seconds"] = round(state.warmup_seconds, 3)
@@ -202,10 +206,21 @@ async def score_options() -> Response:
 )
 async def score(request: Request) -> Response:
     state = _state(request)
-    info = _log_info(request)
     state.keys.check(request.headers.get("authorization"))
     check_content_type(request.headers.get("content-type"))
     body = await read_body(request, state.settings.max_body_bytes)
+    result = await run_score(request, body)
+    return JSONResponse(result.records, headers=result.headers)
+
+
+async def run_score(request: Request, body: bytes | dict[str, Any]) -> ScoreResult:
+    """Validate a contract body and run it through admission, the micro-batcher and the service.
+
+    The one entry every generating route takes (/score, and /v1/images/* once translated to the contract),
+    so that they share readiness, limits, batching, screening, timeouts and the request's log line.
+    """
+    state = _state(request)
+    info = _log_info(request)
     service = state.require_ready()
     scoring = service.parse(body)
     info["images"] = scoring.image_count
@@ -245,7 +260,7 @@ async def score(request: Request) -> Response:
         batch_images=client.batch_images,
         timings_ms={k: round(v * 1000, 1) for k, v in timings.items()},
     )
-    return JSONResponse(result.records, headers=result.headers)
+    return result
 
 
 def _score_blocking(
