@@ -22,7 +22,7 @@ from sd_endpoint.server import create_app
 from sd_endpoint.service import GenerationService
 from tests.conftest import small_request
 from tests.server.conftest import KEYS, fake_app, fake_settings, running, wait_ready
-from tests.server.helpers import FakeBackend, colour_of
+from tests.support.fakes import FakeBackend, colour_of
 
 URL = "/v1/images/generations"
 

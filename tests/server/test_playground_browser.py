@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from sd_endpoint.safety.emulator import AacsEmulator
-from tests.server.helpers import LiveServer, model_env
+from tests.support.servers import LiveServer, model_env
 
 pytestmark = pytest.mark.slow
 
