@@ -31,7 +31,9 @@ from sd_endpoint.server import create_app
 from sd_endpoint.server.app import uvicorn_config
 from sd_endpoint.service import GenerationService
 from sd_endpoint.settings import Settings, load_settings
-from tests.server.helpers import FakeBackend, free_port, parse_metrics
+from tests.support.fakes import FakeBackend
+from tests.support.net import free_port
+from tests.support.servers import parse_metrics
 
 # ------------------------------------------------------------------------------------------------
 # The server under test
@@ -481,13 +483,9 @@ def slow_bodies(server: FakeServer, connections: int, read_timeout_s: float) -> 
 def screening_faults(rounds: int = 3) -> Counter[str]:
     """AACS down (fail closed: 503 + Retry-After, nothing unscreened), slow (a timed-out call is retried)
     and flapping (a failed call is retried) against the emulator, with the real SDK-based screener."""
+    from aacs_emulator import AacsEmulator
     from sd_endpoint.safety.aacs import AzureContentSafetyScreener
     from sd_endpoint.settings import ContentSafetySettings
-
-    try:
-        from aacs_emulator import AacsEmulator  # type: ignore[import-not-found]
-    except ImportError:
-        from sd_endpoint.safety.emulator import AacsEmulator
 
     out: Counter[str] = Counter()
     key = "reliability-key-0123456789"

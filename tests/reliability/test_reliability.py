@@ -13,7 +13,7 @@ import pytest
 
 from tests.reliability import scenarios
 from tests.reliability.scenarios import FakeServer, fake_server
-from tests.server.helpers import FakeBackend
+from tests.support.fakes import FakeBackend
 
 pytestmark = pytest.mark.slow
 

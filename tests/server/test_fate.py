@@ -15,7 +15,7 @@ from sd_endpoint import metrics
 from sd_endpoint.jobs import BatchResult
 from tests.conftest import small_request
 from tests.server.conftest import fake_app, running
-from tests.server.helpers import FakeBackend
+from tests.support.fakes import FakeBackend
 
 
 def sample(name: str, **labels: str) -> float:

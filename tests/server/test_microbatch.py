@@ -28,7 +28,7 @@ from sd_endpoint.errors import (
 from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask, StepCallback
 from sd_endpoint.server import microbatch
 from sd_endpoint.server.microbatch import Job, MicroBatcher, Outcome
-from tests.server.helpers import FakeBackend, colour_of
+from tests.support.fakes import FakeBackend, colour_of
 
 SPEC = GenerationSpec(64, 64, 3, 7.5, "ddim", 0.0)
 

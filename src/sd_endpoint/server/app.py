@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from sd_endpoint.errors import EndpointError
+from sd_endpoint.net import is_loopback
 from sd_endpoint.server import openai_images, openapi, playground
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
 from sd_endpoint.server.routes import router
@@ -136,15 +136,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 # ------------------------------------------------------------------------------------------------
 # Running
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: assume it is reachable from elsewhere
 
 
 def run_server(settings: Settings) -> int:

@@ -230,7 +230,8 @@ async def run_score(request: Request, body: bytes | dict[str, Any], *, read_s: f
     service, admission, batcher = state.serving()
     timings = {"read": read_s} if read_s else {}
     started = time.perf_counter()
-    scoring = service.begin(service.parse(body))
+    # Off the event loop: decoding a body's input images (image-to-image, inpainting) takes up to seconds.
+    scoring = service.begin(await asyncio.to_thread(service.parse, body))
     timings["parse"] = time.perf_counter() - started
     spec = scoring.spec
     info.update(images=scoring.request.image_count, steps=spec.steps, size=f"{spec.width}x{spec.height}")
