@@ -22,7 +22,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || !
   fi
 fi
 stamp="$VENV/.sd-endpoint-installed"
-want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml src/aacs_emulator/pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -36,6 +36,8 @@ echo "setup: installing torch (CPU build) ..." >&2
 quiet $pip -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
 echo "setup: installing sd-endpoint and its dependencies ..." >&2
 quiet $pip -c constraints.txt -e ".[azureml,dev]"
+# The AACS emulator (tests, notebooks, local screening) is a dev tool with its own distribution and command.
+quiet $pip -c constraints.txt -e src/aacs_emulator
 # open-clip-torch only provides the CLIP BPE vocabulary file; its own deps (torchvision, timm) are not needed.
 quiet $pip -c constraints.txt --no-deps open-clip-torch
 # DeepSpeed's Triton attention kernel uses tl.make_block_ptr, which Triton 3.9 removed; the CPU tests run it

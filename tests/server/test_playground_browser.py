@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_endpoint.safety.emulator import AacsEmulator
+from aacs_emulator import AacsEmulator
 from tests.support.servers import LiveServer, model_env
 
 pytestmark = pytest.mark.slow

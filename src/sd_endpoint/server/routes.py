@@ -222,7 +222,8 @@ async def run_score(request: Request, body: bytes | dict[str, Any]) -> ScoreResu
     state = _state(request)
     info = _log_info(request)
     service = state.require_ready()
-    scoring = service.parse(body)
+    # Off the event loop: decoding a body's input images (image-to-image, inpainting) takes up to seconds.
+    scoring = await asyncio.to_thread(service.parse, body)
     info["images"] = scoring.image_count
     info["steps"] = scoring.spec.steps
     info["size"] = f"{scoring.spec.width}x{scoring.spec.height}"
