@@ -22,6 +22,7 @@ as it is, in the contract's own convention (white = repaint).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import re
@@ -404,7 +405,8 @@ async def edits(request: Request) -> Response:
     mask = files.get("mask")
     if mask is not None:
         limits = images_in.ImageLimits(state.settings.max_image_bytes, state.settings.max_input_pixels)
-        mask = openai_mask(mask, limits)
+        # Decoding an image can take a while: off the event loop, as /score parses its input images.
+        mask = await asyncio.to_thread(openai_mask, mask, limits)
     return await _run(request, req, to_contract(req, files["image"], mask))
 
 
