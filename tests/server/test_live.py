@@ -65,7 +65,7 @@ def small(prompt: str, seed: int, steps: int = 3, **params: Any) -> dict[str, An
 
 
 def post(server: LiveServer, body: Any, **headers: str) -> httpx.Response:
-    return httpx.post(f"{server.url}/score", json=body, headers=server.headers(**headers), timeout=300)
+    return httpx.post(f"{server.url}/score", json=body, headers=server.headers(**headers), timeout=1200)
 
 
 def test_every_route(server: LiveServer) -> None:
@@ -140,6 +140,7 @@ def test_request_id_headers(server: LiveServer) -> None:
     assert len(made.headers["x-request-id"]) == 36 and made.headers["x-ms-request-id"] == made.headers["x-request-id"]
 
 
+@pytest.mark.timeout(1800)  # 5 requests, two of 50 steps: minutes on a loaded 2-core machine, not a 408
 def test_a_client_written_for_azure_works_unchanged(server: LiveServer) -> None:
     """The azure-contract.md request forms, sent as the Azure samples send them (requests + headers)."""
     headers = {
@@ -170,7 +171,7 @@ def test_a_client_written_for_azure_works_unchanged(server: LiveServer) -> None:
         {"input_data": {"columns": ["prompt"], "index": [0], "data": [{"prompt": "an astronaut riding a horse"}]}},
     ]
     for sample in samples:
-        response = requests.post(f"{server.url}/score", data=json.dumps(sample), headers=headers, timeout=300)
+        response = requests.post(f"{server.url}/score", data=json.dumps(sample), headers=headers, timeout=1200)
         assert response.status_code == 200, response.text
         records = json.loads(response.text)  # what the notebooks do with the invoke() result
         rows = sample["input_data"]["data"]
@@ -183,6 +184,7 @@ def test_a_client_written_for_azure_works_unchanged(server: LiveServer) -> None:
             assert image.format == "PNG" and image.size == (64, 64)
 
 
+@pytest.mark.timeout(1800)  # not about time: every request must be answered, however slow the machine
 def test_concurrency_past_the_limits(server: LiveServer) -> None:
     """3 in flight + 1 queued for 100 ms: a burst of 12 gets some 429s; nothing lost, nothing mixed up."""
     n = 12
@@ -190,7 +192,7 @@ def test_concurrency_past_the_limits(server: LiveServer) -> None:
     results: dict[int, httpx.Response] = {}
 
     def send(i: int) -> None:
-        body = small(f"burst prompt {i}", 1000 + i, steps=100)
+        body = small(f"burst prompt {i}", 1000 + i, steps=20)  # the burst arrives at once: 429s need no long call
         barrier.wait()
         results[i] = post(server, body, **{"x-request-id": f"burst-{i}"})
 
@@ -198,7 +200,7 @@ def test_concurrency_past_the_limits(server: LiveServer) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(300)
+        t.join(1200)
     assert sorted(results) == list(range(n))  # every request got an answer
     statuses = [results[i].status_code for i in range(n)]
     assert set(statuses) <= {200, 429}, statuses
@@ -230,7 +232,7 @@ def test_micro_batched_images_equal_solo_ones(server: LiveServer) -> None:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(300)
+            t.join(1200)
         for i, records in together.items():
             assert [r["seed"] for r in records] == [r["seed"] for r in solo[i]]
             for got, alone in zip(records, solo[i], strict=True):
