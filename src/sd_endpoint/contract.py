@@ -25,7 +25,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
-from sd_endpoint.jobs import SCHEDULER_NAMES, SCHEDULERS_WITH_ETA, GenerationSpec, ImageTask, SchedulerName
+from sd_endpoint.jobs import (
+    MAX_CACHE_INTERVAL,
+    SCHEDULER_NAMES,
+    SCHEDULERS_WITH_ETA,
+    GenerationSpec,
+    ImageTask,
+    SchedulerName,
+)
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 COLUMNS = ("prompt", "negative_prompt", "seed")
@@ -69,6 +76,12 @@ class Parameters(BaseModel):
     scheduler: SchedulerName | None = Field(None, description="Default: the model's own (DDIM for SD 2.1).")
     output_format: OutputFormat = Field("png", description="Encoding of generated_image.")
     eta: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta (0).")
+    cache_interval: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CACHE_INTERVAL,
+        description="DeepCache: the full UNet every N steps, its deep features reused in between (1: off).",
+    )
 
     @field_validator("height", "width")
     @classmethod
@@ -350,7 +363,7 @@ def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
         index: int | str = data.index[pos] if data.index is not None else pos
         resolved.append(RowRequest(pos, index, row.prompt, negative or None, seeds))
 
-    spec = GenerationSpec(height, width, steps, float(guidance), scheduler, float(eta))
+    spec = GenerationSpec(height, width, steps, float(guidance), scheduler, float(eta), params.cache_interval or 1)
     return ScoringRequest(spec, params.output_format, tuple(resolved))
 
 

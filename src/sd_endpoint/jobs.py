@@ -31,6 +31,9 @@ SCHEDULER_NAMES: tuple[SchedulerName, ...] = (
 SCHEDULERS_WITH_ETA: frozenset[str] = frozenset({"ddim"})
 
 
+MAX_CACHE_INTERVAL = 10  # beyond ~5 the image drifts visibly (README, DeepCache); 10 bounds the experiment
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """Everything that must be equal for images to share one pipeline call."""
@@ -41,6 +44,9 @@ class GenerationSpec:
     guidance_scale: float
     scheduler: SchedulerName
     eta: float = 0.0
+    # DeepCache (backends/deepcache.py): the full UNet every N steps, its deep features reused in between;
+    # 1 is off. Part of the spec, so only requests with equal intervals share a pipeline call.
+    cache_interval: int = 1
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sd_endpoint.errors import ModelLoadError
 from sd_endpoint.settings import Settings
+
+if TYPE_CHECKING:
+    from sd_endpoint.model.fast_load import PendingLoad
 
 log = logging.getLogger(__name__)
 
@@ -374,8 +377,12 @@ def choose_placement(settings: Settings) -> Placement:
 # Loading
 
 
-def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) -> Any:
-    """Load a StableDiffusionPipeline for the source, straight to the chosen dtype, then to the device."""
+def load_pipeline(
+    source: ModelSource, placement: Placement, cache_dir: Path, *, early: PendingLoad | None = None
+) -> Any:
+    """Load a StableDiffusionPipeline for the source, straight to the chosen dtype, then to the device.
+
+    ``early`` is the weight read ``fast_load.start_load`` began for this folder, if any (create_backend)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -396,8 +403,9 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
         if source.kind in ("diffusers", "demo"):
             folder = Path(location)
             check_diffusers_folder(folder)
-            variant = _variant(folder)
-            pipe = _load_folder_fast(folder, placement, variant)
+            variant = weight_variant(folder)
+            pipe = _load_folder_fast(folder, placement, variant, early)
+            early = None
             if pipe is None:
                 pipe = StableDiffusionPipeline.from_pretrained(
                     str(folder), local_files_only=True, variant=variant, **common
@@ -410,6 +418,8 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
         raise
     except Exception as exc:  # library errors: name the path and keep the library's words
         raise ModelLoadError(f"{location}: could not load the model: {type(exc).__name__}: {exc}") from exc
+    if early is not None:  # started for a folder, but this source is not one
+        early.discard()
     pipe.to(placement.device)  # a no-op for the fast loader, which loads to the device directly
     pipe.set_progress_bar_config(disable=True)
     log.info(
@@ -424,18 +434,18 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
     return pipe
 
 
-def _load_folder_fast(folder: Path, placement: Placement, variant: str | None) -> Any:
+def _load_folder_fast(folder: Path, placement: Placement, variant: str | None, early: PendingLoad | None) -> Any:
     """The fast loader (model/fast_load.py), or None when the folder needs from_pretrained's conversions."""
     from sd_endpoint.model.fast_load import FastLoadUnsupported, load_folder
 
     try:
-        return load_folder(folder, placement.device, placement.dtype_name, variant)
+        return load_folder(folder, placement.device, placement.dtype_name, variant, early=early)
     except FastLoadUnsupported as exc:
         log.info("Loading with from_pretrained instead of the fast loader: %s", exc)
         return None
 
 
-def _variant(folder: Path) -> str | None:
+def weight_variant(folder: Path) -> str | None:
     """Use the fp16 variant files when the folder holds only those (as Hub snapshots of SD 2.1 may)."""
     unet = folder / "unet"
     names = {p.name for p in unet.iterdir()} if unet.is_dir() else set()
