@@ -1,12 +1,15 @@
 """Azure ML batch endpoint scoring script: ``init()`` once per process, ``run(mini_batch)`` per list of files.
 
-Each input file (.csv / .jsonl / .txt, see ``sd_endpoint.batch``) gives one image per row, written as a PNG
-into the job's output folder (``AZUREML_BI_OUTPUT_PATH``), and one line per row for ``predictions.csv``
-(``output_action: append_row``), in the columns of ``sd_endpoint.batch.PREDICTION_COLUMNS``::
+Each input file (.csv / .jsonl / .txt, see ``sd_endpoint.batch.inputs``) gives one image per row, written as
+a PNG into the job's output folder (``AZUREML_BI_OUTPUT_PATH``), and one line per row for ``predictions.csv``
+(``output_action: append_row``) with exactly the five fields Azure's own text-to-image batch scoring writes::
 
-    line,prompt,generated_image,nsfw_content_detected,input_file,seed,status,error
+    row_number_per_file,prompt,generated_image,nsfw_content_detected,input_file
 
-Bad files and rows come back as lines with ``status`` ``error`` and the reason; they never fail the
+Every other field (input line, seed, status ok/exists/blocked/error, error text) goes to
+``predictions_details.csv`` next to it, with a header, appended once per finished mini-batch.
+
+Bad files and rows come back as rows with an empty image and the reason in the details; they never fail the
 mini-batch (unless ``SD_ENDPOINT_BATCH_FAIL_ON_BAD_INPUT=true``). A failure that is not the input's fault
 raises, so Azure retries the mini-batch (``retry_settings``) and counts it against ``error_threshold``;
 images already written are not generated again on the retry.
@@ -45,13 +48,14 @@ class _InProcess:
         from sd_endpoint.settings import load_settings
 
         settings = load_settings()
-        setup_logging(settings.log_level, settings.log_format)
+        # Azure's driver may have configured logging already: then its handlers write our lines, once.
+        setup_logging(settings.log_level, settings.log_format, defer_to_host=True)
         self.runner = BatchRunner.from_env()
 
     def run(self, files: list[str]) -> list[list[Any]]:
         from pathlib import Path
 
-        rows, summary = self.runner.run_files([Path(f) for f in files])
+        rows, summary = self.runner.run_mini_batch([Path(f) for f in files])
         log.info("mini-batch done: %s", summary.text())
         return [r.as_list() for r in rows]
 
@@ -121,13 +125,20 @@ _runner: _Runner | None = None
 def init() -> None:
     """Load the model once for this process (Azure may run several per node: max_concurrency_per_instance)."""
     global _runner
-    logging.basicConfig(level=os.environ.get("SD_ENDPOINT_LOG_LEVEL", "INFO").upper())
     python = os.environ.get("SD_ENDPOINT_BATCH_PYTHON")
-    _runner = _Worker(python) if python else _InProcess()
+    if python:
+        if not logging.getLogger().handlers:  # only this script logs here; the worker logs on its own
+            logging.basicConfig(
+                level=os.environ.get("SD_ENDPOINT_LOG_LEVEL", "INFO").upper(),
+                format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            )
+        _runner = _Worker(python)
+    else:
+        _runner = _InProcess()
 
 
 def run(mini_batch: list[Any]) -> list[str]:
-    """One CSV line (no header) per input row; Azure appends them to predictions.csv."""
+    """One CSV line (no header, Azure's five fields) per input row; Azure appends them to predictions.csv."""
     if _runner is None:
         raise RuntimeError("init() did not run")
     rows = _runner.run([os.fspath(p) for p in mini_batch])
@@ -144,5 +155,6 @@ def shutdown() -> None:
 
 def _csv_line(values: list[Any]) -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow(values)
-    return buf.getvalue()
+    # The writer quotes a field only if it holds a character of its lineterminator: "" would leave "\n" bare.
+    csv.writer(buf, lineterminator="\r\n").writerow(values)
+    return buf.getvalue()[:-2]

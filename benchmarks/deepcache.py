@@ -73,11 +73,11 @@ def main() -> int:
     images: dict[tuple[int, int], Any] = {}
     # One warm-up call per interval (first-call costs), then alternating rounds.
     for interval in intervals:
-        spec = GenerationSpec(args.size, args.size, 2, 7.5, "ddim", 0.0, interval)
+        spec = GenerationSpec(args.size, args.size, 2, 7.5, "ddim", 0.0, cache_interval=interval)
         backend.generate(spec, [ImageTask(PROMPT, NEGATIVE, 0)])
     for _ in range(args.repeats):
         for interval in intervals:
-            spec = GenerationSpec(args.size, args.size, args.steps, 7.5, "ddim", 0.0, interval)
+            spec = GenerationSpec(args.size, args.size, args.steps, 7.5, "ddim", 0.0, cache_interval=interval)
             for seed in seeds:
                 started = time.perf_counter()
                 result = backend.generate(spec, [ImageTask(PROMPT, NEGATIVE, seed)])

@@ -233,9 +233,9 @@ def measure(
 
     from sd_endpoint.jobs import GenerationSpec, ImageTask
 
-    spec = GenerationSpec(args.size, args.size, steps, 7.5, name, 0.0, cache_interval)  # type: ignore[arg-type]
+    spec = GenerationSpec(args.size, args.size, steps, 7.5, name, 0.0, cache_interval=cache_interval)  # type: ignore[arg-type]
     tasks = [ImageTask(PROMPT, NEGATIVE, SEED + i) for i in range(batch)]
-    warm = GenerationSpec(args.size, args.size, 2, 7.5, name, 0.0, cache_interval)  # type: ignore[arg-type]
+    warm = GenerationSpec(args.size, args.size, 2, 7.5, name, 0.0, cache_interval=cache_interval)  # type: ignore[arg-type]
     backend.generate(warm, tasks)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -6,6 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
+# A real headless browser for the playground test (tests/server/test_playground_browser.py): Debian's chromium
+# and its matching driver. Checked before the quick exit below, and skipped when both are installed.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    echo "setup: installing chromium + chromium-driver (apt) ..." >&2
+    as_root=""
+    [ "$(id -u)" = 0 ] || as_root="sudo"
+    $as_root apt-get update -q >&2
+    DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -q --no-install-recommends chromium chromium-driver >&2
+  else
+    # Without the browser the playground test skips on a workstation and fails in CI.
+    echo "setup: no apt-get here; install Chromium and chromedriver for the playground test" >&2
+  fi
+fi
 stamp="$VENV/.sd-endpoint-installed"
 want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

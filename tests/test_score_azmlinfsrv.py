@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.servers import ScoreServer
 
 MODEL_CARD_SAMPLE = {
     "input_data": {
@@ -29,63 +23,18 @@ MODEL_CARD_SAMPLE = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            pass  # the worker is still in init()
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_file = tmp_path_factory.mktemp("azmlinfsrv") / "server.log"
     env = {
-        **os.environ,
         "AZUREML_MODEL_DIR": str(tiny_model_dir.parent),  # found one level down, as on Azure
         "SD_ENDPOINT_DEVICE": "cpu",
         "SD_ENDPOINT_DTYPE": "float32",
         "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
         "SD_ENDPOINT_MAX_IMAGES_PER_REQUEST": "4",
-        "AML_APP_ROOT": str(REPO),
-        "WORKER_COUNT": "1",
     }
-    exe = shutil.which("azmlinfsrv", path=str(Path(sys.executable).parent)) or "azmlinfsrv"
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(
-            [exe, "--entry_script", str(REPO / "score.py"), "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until_up(f"http://127.0.0.1:{port}/", proc)
-            yield f"http://127.0.0.1:{port}"
-        except BaseException:
-            sys.stderr.write(log_file.read_text(errors="replace")[-5000:])
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    server_log = log_file.read_text(errors="replace")
-    assert "astronaut" not in server_log  # prompts stay out of the logs by default
+    with ScoreServer(env, tmp_path_factory.mktemp("azmlinfsrv") / "server.log") as server:
+        yield server.url
+    assert "astronaut" not in server.logs()  # prompts stay out of the logs by default
 
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sd_endpoint.cli_options import add_model_options, settings_overrides
 from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError
 
 # Modules that add their own subcommand (module path -> what it adds).
@@ -25,18 +26,6 @@ _PLUGGED = (
     "sd_endpoint.batch",  # batch
     "sd_endpoint.safety.emulator",  # aacs-emulator
 )
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options that override model settings; shared by every subcommand that loads the model."""
-    parser.add_argument("--model", help="Diffusers folder, .safetensors/.ckpt, Hub id, or 'demo' (SD_ENDPOINT_MODEL).")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (SD_ENDPOINT_DEVICE).")
-    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="(SD_ENDPOINT_DTYPE).")
-    parser.add_argument("--backend", choices=["auto", "diffusers", "deepspeed"], help="(SD_ENDPOINT_BACKEND).")
-
-
-def settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in ("model", "device", "dtype", "backend") if getattr(args, k, None)}
 
 
 def _generate(args: argparse.Namespace) -> int:

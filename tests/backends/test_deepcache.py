@@ -15,7 +15,7 @@ from sd_endpoint.backends.routing import RoutingBackend
 from sd_endpoint.contract import parse_request
 from sd_endpoint.errors import InvalidRequest
 from sd_endpoint.jobs import GenerationSpec, ImageTask
-from tests.backends.fakes import FakeDeepSpeed
+from tests.support.fakes import FakeDeepSpeed
 
 
 def unet_inputs(unet: Any, seed: int = 0) -> tuple[Any, Any, Any]:
@@ -69,7 +69,9 @@ def test_cache_interval_is_validated_and_part_of_the_spec() -> None:
         body["parameters"] = {"cache_interval": bad}
         with pytest.raises(InvalidRequest, match="cache_interval"):
             parse_request(body, limits)
-    assert GenerationSpec(64, 64, 5, 7.5, "ddim", 0.0, 2) != GenerationSpec(64, 64, 5, 7.5, "ddim", 0.0, 3)
+    assert GenerationSpec(64, 64, 5, 7.5, "ddim", cache_interval=2) != GenerationSpec(
+        64, 64, 5, 7.5, "ddim", cache_interval=3
+    )
 
 
 def test_deepcache_requests_bypass_the_captured_path(backend: DiffusersBackend) -> None:

@@ -15,7 +15,7 @@ from sd_endpoint.backends.routing import RoutingBackend
 from sd_endpoint.backends.selection import build_backend, deepspeed_blocker
 from sd_endpoint.errors import ModelLoadError
 from sd_endpoint.settings import Settings, load_settings
-from tests.backends.fakes import FakeDeepSpeed
+from tests.support.fakes import FakeDeepSpeed
 
 SHAPES = "64x64x1,64x64x2"
 

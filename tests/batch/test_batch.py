@@ -1,4 +1,4 @@
-"""The batch core (sd_endpoint.batch): reading inputs, images on disk, prediction rows, resume, and the CLI."""
+"""The batch core (sd_endpoint.batch): reading inputs, images on disk, prediction rows and files, resume, the CLI."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from sd_endpoint import batch
-from sd_endpoint.batch import BatchInputError, BatchRunner, BatchSettings, read_input
+from sd_endpoint.batch import BatchInputError, BatchRunner, BatchSettings, gpu_slots, read_input
+from sd_endpoint.batch.inputs import csv_seed
 from sd_endpoint.errors import ConfigError
 from sd_endpoint.safety.base import Verdict
 from sd_endpoint.service import GenerationService
@@ -52,14 +53,16 @@ def test_csv_with_pandas_index_column_quotes_and_multiline(tmp_path: Path) -> No
     assert [r.prompt for r in rows] == ["a red fox", 'a cat, "quoted"', "two\nlines", "last"]
     # Line numbers are physical lines: header is 1, the two-line prompt spans 4-5.
     assert [r.line for r in rows] == [2, 3, 4, 6]
+    assert [r.row for r in rows] == [0, 1, 2, 3]  # Azure's row_number_per_file: data rows, 0-based
     assert [r.negative_prompt for r in rows] == ["blurry", None, None, "dark"]
-    assert [batch._csv_seed(r.seed) for r in rows] == [7, None, 9, None]
+    assert [csv_seed(r.seed) for r in rows] == [7, None, 9, None]
 
 
 def test_csv_problems_name_file_and_line(tmp_path: Path) -> None:
     rows, bad = read_input(write(tmp_path / "x.csv", 'prompt,seed\n"ok",1\n"too","many",fields\n\n"fine",\n'))
     assert [r.prompt for r in rows] == ["ok", "fine"]
-    assert [(b.file, b.line) for b in bad] == [("x.csv", 3)]
+    assert [(r.row, r.line) for r in rows] == [(0, 2), (2, 5)]  # the bad record is row 1; blank lines are no row
+    assert [(b.file, b.line, b.row) for b in bad] == [("x.csv", 3, 1)]
     assert "3 fields but the header has 2" in bad[0].message
 
     for header, expected in [
@@ -84,10 +87,10 @@ def test_jsonl_and_txt(tmp_path: Path) -> None:
             '{"prompt": "x", "size": 1}\n',
         )
     )
-    assert [(r.line, r.prompt, r.seed, r.negative_prompt) for r in rows] == [
-        (1, "one", 3, "dull"),
-        (3, "two", None, None),
-        (6, "x", None, None),
+    assert [(r.row, r.line, r.prompt, r.seed, r.negative_prompt) for r in rows] == [
+        (0, 1, "one", 3, "dull"),
+        (1, 3, "two", None, None),
+        (4, 6, "x", None, None),
     ]
     assert rows[2].extra == ("size",)
     assert [(b.line, b.message.split(" (")[0]) for b in bad] == [
@@ -95,7 +98,8 @@ def test_jsonl_and_txt(tmp_path: Path) -> None:
         (5, 'expected a JSON object {"prompt": ...} or a JSON string'),
     ]
     rows, bad = read_input(write(tmp_path / "p.txt", "first prompt\n\n  second prompt  \r\n"))
-    assert [(r.line, r.prompt) for r in rows] == [(1, "first prompt"), (3, "second prompt")] and bad == []
+    assert [(r.row, r.line, r.prompt) for r in rows] == [(0, 1, "first prompt"), (1, 3, "second prompt")]
+    assert bad == []
 
 
 def test_unreadable_files_are_reported_not_raised(tmp_path: Path) -> None:
@@ -164,6 +168,7 @@ def test_runner_writes_images_and_reports_every_row(
         ("c.txt", 1, "ok"),
         ("d.csv", None, "error"),
     ]
+    assert [r.row for r in rows] == [0, 1, 2, 3, 0, 1, 0, None]
     by_key = {(r.input_file, r.line): r for r in rows}
     assert "prompt: must not be empty" in by_key[("a.csv", 3)].error
     assert "seed: must be a whole number" in by_key[("a.csv", 4)].error and "'oops'" in by_key[("a.csv", 4)].error
@@ -305,32 +310,57 @@ def test_batch_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
             load(BatchSettings)
 
 
+PREDICTION_ROWS = [
+    batch.Prediction(0, 2, 'a "quoted", prompt\nwith a newline', "a_csv_L000002_s7.png", None, "a.csv", 7, "ok"),
+    batch.Prediction(None, None, "", "", None, "bad.txt", None, "error", "not UTF-8 text"),
+    batch.Prediction(2, 4, "x", "", True, "a.csv", 1, "blocked", "blocked at the prompt stage"),
+]
+
+
 def test_predictions_round_trip(tmp_path: Path) -> None:
-    rows = [
-        batch.Prediction(2, 'a "quoted", prompt\nwith a newline', "a_csv_L000002_s7.png", None, "a.csv", 7, "ok"),
-        batch.Prediction(None, "", "", None, "bad.txt", None, "error", "not UTF-8 text"),
-        batch.Prediction(4, "x", "", True, "a.csv", 1, "blocked", "blocked at the prompt stage"),
-    ]
-    path = tmp_path / "predictions.csv"
-    batch.write_predictions(path, rows)
+    rows = PREDICTION_ROWS
+    path = batch.write_predictions(tmp_path, rows)
+    assert path == tmp_path / "predictions.csv"
     back = batch.read_predictions(path)
     assert back[0]["prompt"] == 'a "quoted", prompt\nwith a newline'
-    assert back[0]["generated_image"] == "a_csv_L000002_s7.png" and back[0]["seed"] == "7"
-    assert (back[1]["line"], back[1]["status"], back[1]["error"]) == ("", "error", "not UTF-8 text")
+    assert (back[0]["row"], back[0]["generated_image"]) == ("0", "a_csv_L000002_s7.png")
+    assert (back[1]["row"], back[1]["input_file"], back[1]["generated_image"]) == ("", "bad.txt", "")
     assert back[2]["nsfw_content_detected"] == "True"
     assert path.read_bytes().decode().startswith(rows[0].as_csv_line() + "\n")
+    assert rows[0].as_csv_line().endswith(",a.csv")  # exactly five fields: nothing after the input file
+
+    details = batch.read_details(tmp_path / "predictions_details.csv")
+    assert (tmp_path / "predictions_details.csv").read_text().splitlines()[0] == ",".join(batch.DETAIL_COLUMNS)
+    assert details[0]["seed"] == "7" and details[0]["line"] == "2" and details[0]["prompt"] == back[0]["prompt"]
+    assert (details[1]["line"], details[1]["status"], details[1]["error"]) == ("", "error", "not UTF-8 text")
+    assert [d["status"] for d in details] == ["ok", "error", "blocked"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv", "predictions_details.csv"]  # no tmp
+
+
+def test_details_appended_per_mini_batch_with_one_header(tmp_path: Path) -> None:
+    from sd_endpoint.batch.predictions import append_details
+
+    append_details(tmp_path, PREDICTION_ROWS[:2])
+    append_details(tmp_path, PREDICTION_ROWS[2:])
+    lines = (tmp_path / "predictions_details.csv").read_text().splitlines()
+    assert lines.count(",".join(batch.DETAIL_COLUMNS)) == 1 and lines[0] == ",".join(batch.DETAIL_COLUMNS)
+    assert [d["status"] for d in batch.read_details(tmp_path / "predictions_details.csv")] == [
+        "ok",
+        "error",
+        "blocked",
+    ]
 
 
 def test_gpu_slots_are_exclusive_per_process(tmp_path: Path) -> None:
-    held = len(batch._held_locks)
+    held = len(gpu_slots._held_locks)
     try:
-        assert batch.claim_gpu_slot(2, tmp_path) == 0
-        assert batch.claim_gpu_slot(2, tmp_path) == 1  # a second claimant gets the other GPU
-        assert batch.claim_gpu_slot(2, tmp_path) in (0, 1)  # more claimants than GPUs: shared
+        assert gpu_slots.claim_gpu_slot(2, tmp_path) == 0
+        assert gpu_slots.claim_gpu_slot(2, tmp_path) == 1  # a second claimant gets the other GPU
+        assert gpu_slots.claim_gpu_slot(2, tmp_path) in (0, 1)  # more claimants than GPUs: shared
     finally:
-        for fh in batch._held_locks[held:]:
+        for fh in gpu_slots._held_locks[held:]:
             fh.close()
-        del batch._held_locks[held:]
+        del gpu_slots._held_locks[held:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -374,13 +404,17 @@ def test_cli_runs_a_folder_and_resumes(
     assert captured.out.strip() == str(out / "predictions.csv")
     assert "error: a.csv:3: prompt: must not be empty" in captured.err
     assert "4 file(s), 8 row(s): 4 generated, 0 already present, 0 blocked, 4 error(s)" in captured.err
-    written = batch.read_predictions(out / "predictions.csv")
+    written = batch.read_details(out / "predictions_details.csv")
     assert [(r["input_file"], r["status"]) for r in written][:2] == [("a.csv", "ok"), ("a.csv", "error")]
+    five = batch.read_predictions(out / "predictions.csv")
+    assert [(r["input_file"], r["row"], r["generated_image"]) for r in five] == [
+        (r["input_file"], r["row"], r["generated_image"]) for r in written
+    ]
 
     args = cli.parse_args([*argv, "--quiet"])
     assert args.func(args) == 1
     assert "0 generated, 4 already present" in capsys.readouterr().err
-    assert [r["status"] for r in batch.read_predictions(out / "predictions.csv")].count("exists") == 4
+    assert [r["status"] for r in batch.read_details(out / "predictions_details.csv")].count("exists") == 4
 
 
 @pytest.mark.slow

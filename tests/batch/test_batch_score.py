@@ -13,11 +13,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from sd_endpoint.batch import PREDICTION_COLUMNS
+from sd_endpoint.batch import DETAILS_FILE, PREDICTION_COLUMNS, read_details
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,26 @@ def parse(lines: list[str]) -> list[dict[str, str]]:
     return [dict(zip(PREDICTION_COLUMNS, rec, strict=True)) for rec in csv.reader(io.StringIO("\n".join(lines)))]
 
 
+def details(out: Path, lines: list[str]) -> list[dict[str, str]]:
+    """The details of the last mini-batch (its rows are the file's last ones), checked against its five fields."""
+    rows = parse(lines)
+    got = read_details(out / DETAILS_FILE)[-len(rows) :]
+    assert [{k: d[k] for k in PREDICTION_COLUMNS} for d in got] == rows
+    return got
+
+
 def check_rows(rows: list[dict[str, str]], out: Path) -> None:
+    assert [(r["input_file"], r["row"]) for r in rows] == [
+        ("prompts.csv", "0"),
+        ("prompts.csv", "1"),
+        ("prompts.csv", "2"),
+        ("more.jsonl", "0"),
+        ("more.jsonl", "1"),
+        ("plain.txt", "0"),
+        ("broken.txt", ""),
+        ("subdir.csv", ""),
+        ("vanished.txt", ""),
+    ]
     got = [(r["input_file"], r["line"], r["status"]) for r in rows]
     assert got == [
         ("prompts.csv", "2", "ok"),
@@ -96,7 +116,7 @@ def check_rows(rows: list[dict[str, str]], out: Path) -> None:
         assert r["nsfw_content_detected"] == ""  # null: no screening configured
         with Image.open(out / r["generated_image"]) as im:
             assert (im.format, im.size) == ("PNG", (64, 64))
-    assert sorted(p.name for p in out.iterdir()) == sorted(r["generated_image"] for r in ok)
+    assert sorted(p.name for p in out.iterdir() if p.name != DETAILS_FILE) == sorted(r["generated_image"] for r in ok)
 
 
 @pytest.mark.slow
@@ -106,16 +126,18 @@ def test_in_process(azure_env: Path, mini_batch: list[str]) -> None:
     script = load_script()
     script.init()
     try:
-        rows = parse(script.run(mini_batch))
+        rows = details(azure_env, script.run(mini_batch))
         check_rows(rows, azure_env)
         # Azure retries a failed mini-batch: the images are already there and are not generated again.
-        again = parse(script.run(mini_batch))
+        again = details(azure_env, script.run(mini_batch))
         assert [r["status"] for r in again if r["generated_image"]] == ["exists"] * 4
         # SD_ENDPOINT_BATCH_FAIL_ON_BAD_INPUT: bad input fails the mini-batch, so error_threshold counts it.
         script._runner.runner.fail_on_bad_input = True
+        before = len(read_details(azure_env / DETAILS_FILE))
         with pytest.raises(BatchInputError, match=r"5 bad input row\(s\) or file\(s\)"):
             script.run(mini_batch)
         assert len(list(azure_env.glob("*.png"))) == 4
+        assert len(read_details(azure_env / DETAILS_FILE)) == before  # a failed mini-batch appends nothing
     finally:
         script.shutdown()
 
@@ -135,11 +157,11 @@ def test_worker_process_gives_the_same_rows(
     script.init()
     try:
         assert type(script._runner).__name__ == "_Worker"
-        check_rows(parse(script.run(mini_batch)), azure_env)
+        check_rows(details(azure_env, script.run(mini_batch)), azure_env)
         # A worker that died (e.g. a GPU fault) is started afresh for the next mini-batch.
         script._runner.proc.kill()
         script._runner.proc.wait()
-        again = parse(script.run(mini_batch[:1]))
+        again = details(azure_env, script.run(mini_batch[:1]))
         assert [r["status"] for r in again] == ["exists", "error", "exists"]
         # A failure inside the worker comes back as an error reply (run() raises it, so Azure retries).
         worker = script._runner
@@ -157,3 +179,19 @@ def test_worker_start_error_fails_init(azure_env: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("AZUREML_MODEL_DIR", str(tmp_path / "no-such-model"))
     with pytest.raises(RuntimeError, match=r"did not start: ModelLoadError: AZUREML_MODEL_DIR=.*does not exist"):
         load_script().init()
+
+
+@pytest.mark.slow
+def test_azure_notebook_reads_what_azure_appends(azure_env: Path, tmp_path: Path, service: Any) -> None:
+    """run()'s lines, appended the way Azure's append_row does, read by the batch notebooks' code."""
+    from tests.batch.test_azure_samples import azure_appends, check_azure_reading, write_inputs
+
+    files = [str(p) for p in write_inputs(tmp_path / "azure-inputs")]
+    script = load_script()
+    script.init()
+    try:
+        azure_appends(azure_env, script.run(files[:1]))  # two mini-batches
+        azure_appends(azure_env, script.run(files[1:]))
+    finally:
+        script.shutdown()
+    check_azure_reading(azure_env, service, {"num_inference_steps": 3, "height": 64, "width": 64})

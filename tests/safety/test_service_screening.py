@@ -20,7 +20,7 @@ from sd_endpoint.safety.emulator import AacsEmulator, Policy
 from sd_endpoint.service import SAFETY_HEADER, GenerationService, ScoreResult
 from tests.conftest import small_request
 from tests.safety.conftest import ScreenerFactory
-from tests.safety.test_aacs import free_port
+from tests.support.net import free_port
 
 SAFE = ["a red fox in the snow", "a blue whale", "a green forest"]
 UNSAFE = "a hexathorn at night"  # Hate 4 in the test policy

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from sd_endpoint.cli_options import add_model_options, settings_overrides
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -41,8 +43,6 @@ def run_server(settings: Settings) -> int:
 
 def register_cli(subparsers: Any) -> None:
     """Add ``sd-endpoint serve``."""
-    from sd_endpoint.cli import add_model_options
-
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "serve",
         help="Serve the endpoint over HTTP (POST /score, GET /, /ready, /metrics, /swagger.json).",
@@ -56,7 +56,6 @@ def register_cli(subparsers: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sd_endpoint.cli import settings_overrides
     from sd_endpoint.logs import setup_logging
     from sd_endpoint.settings import load_settings
 

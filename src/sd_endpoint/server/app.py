@@ -34,7 +34,7 @@ from starlette.routing import Match
 from sd_endpoint import metrics
 from sd_endpoint.batching import AdmissionControl, MicroBatcher
 from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError, ServiceUnavailable
-from sd_endpoint.server import openai_images, openapi
+from sd_endpoint.server import openai_images, openapi, playground
 from sd_endpoint.server.auth import KeyCheck
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
 from sd_endpoint.server.routes import router
@@ -43,8 +43,8 @@ from sd_endpoint.settings import Settings
 
 log = logging.getLogger("sd_endpoint.server")
 
-# Every router the app serves (also what a 405 lists in Allow): the contract's routes, then OpenAI's API.
-_ROUTERS = (router, openai_images.router)
+# Every router the app serves (also what a 405 lists in Allow): the contract's routes, OpenAI's API, the page.
+_ROUTERS = (router, openai_images.router, playground.router)
 
 # azmlinfsrv's wording for the errors Flask raises by itself.
 _HTTP_MESSAGES = {
