@@ -24,7 +24,6 @@ from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError
 _PLUGGED = (
     "sd_endpoint.server",  # serve
     "sd_endpoint.batch",  # batch
-    "sd_endpoint.safety.emulator",  # aacs-emulator
 )
 
 

@@ -10,11 +10,11 @@ import pytest
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 
+from aacs_emulator import AacsEmulator
 from sd_endpoint import metrics
 from sd_endpoint.errors import ConfigError, ScreeningUnavailable
 from sd_endpoint.safety import NullScreener, build_screener
 from sd_endpoint.safety.aacs import AzureContentSafetyScreener
-from sd_endpoint.safety.emulator import AacsEmulator
 from sd_endpoint.safety.preprocess import chunk_text
 from sd_endpoint.settings import ContentSafetySettings, load
 from tests.safety.conftest import KEY, POLICY, ScreenerFactory, png

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from sd_endpoint.safety.emulator import AacsEmulator
+from aacs_emulator import AacsEmulator
 from tests.conftest import small_request
 from tests.safety.conftest import KEY, POLICY
 from tests.support.servers import ScoreServer

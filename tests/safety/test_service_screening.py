@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aacs_emulator import AacsEmulator, Policy
 from sd_endpoint import metrics
 from sd_endpoint.errors import ScreeningUnavailable
 from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
-from sd_endpoint.safety.emulator import AacsEmulator, Policy
 from sd_endpoint.service import SAFETY_HEADER, GenerationService, ScoreResult
 from tests.conftest import small_request
 from tests.safety.conftest import ScreenerFactory
