@@ -43,7 +43,9 @@ def main() -> int:
 
     from sd_endpoint.backends.selection import build_backend
     from sd_endpoint.jobs import GenerationSpec, ImageTask
-    from sd_endpoint.model.loader import ModelSource, choose_placement, load_pipeline
+    from sd_endpoint.model.discovery import ModelSource
+    from sd_endpoint.model.loading import load_pipeline
+    from sd_endpoint.model.placement import choose_placement
     from sd_endpoint.settings import load_settings
 
     if args.tiny:

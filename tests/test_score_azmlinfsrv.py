@@ -31,6 +31,8 @@ def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.T
         "SD_ENDPOINT_DTYPE": "float32",
         "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
         "SD_ENDPOINT_MAX_IMAGES_PER_REQUEST": "4",
+        # 768x768 x 50 steps took over 85 s on a loaded machine: no test here is about timeouts.
+        "SD_ENDPOINT_REQUEST_TIMEOUT_MS": "600000",
     }
     with ScoreServer(env, tmp_path_factory.mktemp("azmlinfsrv") / "server.log") as server:
         yield server.url
@@ -46,7 +48,7 @@ def test_liveness(azmlinfsrv: str) -> None:
 
 
 def test_model_card_sample(azmlinfsrv: str) -> None:
-    r = requests.post(f"{azmlinfsrv}/score", json=MODEL_CARD_SAMPLE, headers={"x-request-id": "req-123"}, timeout=120)
+    r = requests.post(f"{azmlinfsrv}/score", json=MODEL_CARD_SAMPLE, headers={"x-request-id": "req-123"}, timeout=600)
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "req-123"
     assert float(r.headers["x-ms-run-fn-exec-ms"]) > 0

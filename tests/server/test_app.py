@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sd_endpoint import metrics
 from sd_endpoint.server import create_app
 from sd_endpoint.server.app import is_loopback, run_server
-from sd_endpoint.service import GenerationService
+from sd_endpoint.service import GenerationService, Scoring
 from tests.conftest import small_request
 from tests.server.conftest import KEYS, fake_app, fake_settings, running, wait_ready
 from tests.server.helpers import BAD_INPUTS, decode_image
@@ -476,7 +476,7 @@ def test_an_unexpected_error_is_a_500_with_the_request_id(monkeypatch: pytest.Mo
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise ValueError("a bug")
 
-        monkeypatch.setattr(app.state.sd.service, "score", broken)
+        monkeypatch.setattr(Scoring, "encode", broken)  # a bug after the generation, with the slot held
         resp = c.post("/score", json=body(), headers={"x-request-id": "bug-1"})
         assert resp.status_code == 500
         assert resp.json() == {"message": "An unexpected error occurred; see the server log (request id bug-1)."}

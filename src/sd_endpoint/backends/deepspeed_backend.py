@@ -281,20 +281,17 @@ class DeepSpeedBackend(DiffusersBackend):
         workspace_bytes: int = 0,
     ) -> None:
         """``unet`` is the injected copy, ``runner`` its captured UNetRunner; the rest is ``base``'s."""
-        from diffusers import StableDiffusionPipeline
+        from sd_endpoint.model.pipeline import build_pipeline
 
         p = base.pipe
-        pipe = StableDiffusionPipeline(
+        pipe = build_pipeline(
+            "text-to-image",
             vae=p.vae,
             text_encoder=p.text_encoder,
             tokenizer=p.tokenizer,
             unet=unet,
             scheduler=p.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
         super().__init__(
             pipe,
             placement_reason=base.placement_reason,
