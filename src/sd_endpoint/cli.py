@@ -192,7 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sd_endpoint.cpu_policy import prefer_passive_waits
     from sd_endpoint.logs import setup_logging
+
+    prefer_passive_waits()  # before any subcommand imports torch
 
     args = build_parser().parse_args(argv)
     setup_logging()
