@@ -20,7 +20,7 @@ prefer_passive_waits()  # before anything imports torch (see sd_endpoint.cpu_pol
 from azureml_inference_server_http.api.aml_request import AMLRequest, rawhttp  # noqa: E402
 from azureml_inference_server_http.api.aml_response import AMLResponse  # noqa: E402
 
-from sd_endpoint.errors import EndpointError, UnsupportedMediaType  # noqa: E402
+from sd_endpoint.errors import EndpointError, RequestTimeout, UnsupportedMediaType  # noqa: E402
 from sd_endpoint.logs import request_id, setup_logging  # noqa: E402
 from sd_endpoint.service import GenerationService  # noqa: E402
 from sd_endpoint.settings import load_settings  # noqa: E402
@@ -74,6 +74,12 @@ def run(request: AMLRequest) -> AMLResponse:
             },
         )
         return _json(result.records, 200, result.headers)
+    except RequestTimeout as exc:
+        # azure-ai-ml's online_endpoints.invoke() turns every 408 into a TypeError (it builds its timeout error
+        # without a message), while a 500 becomes a readable HttpResponseError. azmlinfsrv answers its own
+        # scoring timeout (SCORING_TIMEOUT_MS) with 500 {"message": ...}: this one is answered the same way.
+        log.info("request timed out: %s", exc.message, extra={"status": 500})
+        return _json({"message": f"Scoring timeout: {exc.body()['message']}"}, 500, exc.headers, failed=True)
     except EndpointError as exc:
         log.info("request failed: %s", exc.message, extra={"status": exc.status_code})
         return _json(exc.body(), exc.status_code, exc.headers, failed=exc.status_code >= 500)
