@@ -8,6 +8,13 @@ Accepted request bodies (azure-contract.md section 1.2)::
                     "data": [{"prompt": "a cat", "negative_prompt": "blurry"}]}, "parameters": {...}}
     {"input_data": {"columns": ["prompt", "negative_prompt", "seed"], "data": [["a cat", "blurry", 7]]}}
 
+The task follows from the columns, in any of those forms (Azure's image-text-to-image and inpainting
+contracts): an ``image`` column (base64 PNG/JPEG/WebP) makes it image-to-image, ``image`` + ``mask_image``
+(white = repaint) inpainting; every row of a request has the same task. ``parameters.strength`` (0..1,
+default 0.8) is how much of the schedule runs from the noised input. Without height/width the output has
+the input's size (scaled into SD_ENDPOINT_MAX_PIXELS, rounded down to a multiple of 8); with them the input
+is resized. Images are decoded and checked here (``images_in``), so the backend gets ready PIL images.
+
 The response is a JSON array with one ``ImageRecord`` per generated image, in input order.
 Unknown keys are errors that list the allowed ones: Azure ignores them silently, and a typo such as
 ``guidence_scale`` would otherwise quietly use the default.
@@ -16,19 +23,33 @@ Unknown keys are errors that list the allowed ones: Azure ignores them silently,
 from __future__ import annotations
 
 import json
+import math
 import re
 import secrets
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from sd_endpoint import images_in
 from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
-from sd_endpoint.jobs import SCHEDULER_NAMES, SCHEDULERS_WITH_ETA, GenerationSpec, ImageTask, SchedulerName
+from sd_endpoint.jobs import (
+    SCHEDULER_NAMES,
+    SCHEDULERS_WITH_ETA,
+    GenerationSpec,
+    ImageTask,
+    SchedulerName,
+    TaskName,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 OutputFormat = Literal["png", "jpeg", "webp"]
-COLUMNS = ("prompt", "negative_prompt", "seed")
+COLUMNS = ("prompt", "negative_prompt", "seed", "image", "mask_image")
+DEFAULT_STRENGTH = 0.8
 MAX_SEED = 2**63 - 1
 MIN_SIDE = 64
 MAX_SIDE = 4096
@@ -50,6 +71,12 @@ class Limits:
     default_width: int = 768
     default_steps: int = 50
     default_guidance_scale: float = 7.5
+    max_image_bytes: int = 10_000_000
+    max_input_pixels: int = 4096 * 4096
+
+    @property
+    def images(self) -> images_in.ImageLimits:
+        return images_in.ImageLimits(self.max_image_bytes, self.max_input_pixels)
 
 
 class Parameters(BaseModel):
@@ -69,6 +96,13 @@ class Parameters(BaseModel):
     scheduler: SchedulerName | None = Field(None, description="Default: the model's own (DDIM for SD 2.1).")
     output_format: OutputFormat = Field("png", description="Encoding of generated_image.")
     eta: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta (0).")
+    strength: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Image-to-image and inpainting: how far to move from the input image (0.8).",
+    )
 
     @field_validator("height", "width")
     @classmethod
@@ -84,13 +118,21 @@ class Parameters(BaseModel):
 
 
 class Row(BaseModel):
-    """One input row: a prompt, and optionally its own negative prompt and seed."""
+    """One input row: a prompt, and optionally its own negative prompt, seed, input image and mask."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str
     negative_prompt: str | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    image: str | None = Field(None, description="Base64 PNG/JPEG/WebP: image-to-image (or inpainting with a mask).")
+    mask_image: str | None = Field(None, description="Base64 mask, same size as image: white = repaint.")
+
+    @property
+    def task(self) -> TaskName:
+        if self.image is None:
+            return "text-to-image"
+        return "image-to-image" if self.mask_image is None else "inpainting"
 
     @field_validator("prompt")
     @classmethod
@@ -164,16 +206,18 @@ class ErrorBody(BaseModel):
 
 @dataclass(frozen=True)
 class RowRequest:
-    """A validated input row with its seeds resolved."""
+    """A validated input row with its seeds resolved (and its input image and mask decoded and sized)."""
 
     position: int
     index: int | str
     prompt: str
     negative_prompt: str | None
     seeds: tuple[int, ...]  # one per image of this row
+    image: Image.Image | None = field(default=None, repr=False)
+    mask: Image.Image | None = field(default=None, repr=False)
 
     def tasks(self) -> list[ImageTask]:
-        return [ImageTask(self.prompt, self.negative_prompt, seed) for seed in self.seeds]
+        return [ImageTask(self.prompt, self.negative_prompt, seed, self.image, self.mask) for seed in self.seeds]
 
 
 @dataclass(frozen=True)
@@ -308,14 +352,8 @@ def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
             "they must match."
         )
     rows = [_row(i, item, columns, limits) for i, item in enumerate(data.data)]
+    task = _task_of(rows)
 
-    height = params.height or limits.default_height
-    width = params.width or limits.default_width
-    if height * width > limits.max_pixels:
-        raise InvalidRequest(
-            f"{where}.height x width: {height}x{width} = {height * width} pixels is over the limit of "
-            f"{limits.max_pixels} (SD_ENDPOINT_MAX_PIXELS)."
-        )
     steps = params.num_inference_steps or limits.default_steps
     if steps > limits.max_steps:
         raise InvalidRequest(f"{where}.num_inference_steps: must be between 1 and {limits.max_steps} (got {steps}).")
@@ -327,6 +365,20 @@ def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
             f"{where}.eta: only the {', '.join(sorted(SCHEDULERS_WITH_ETA))} scheduler uses eta; "
             f"'{scheduler}' would ignore it. Leave eta out or use scheduler 'ddim'."
         )
+    strength = 1.0
+    if task == "text-to-image":
+        if params.strength is not None:
+            raise InvalidRequest(
+                f"{where}.strength: applies only to image-to-image and inpainting (rows with an 'image'); "
+                "leave it out for text-to-image."
+            )
+    else:
+        strength = DEFAULT_STRENGTH if params.strength is None else params.strength
+        if min(int(steps * strength), steps) < 1:
+            raise InvalidRequest(
+                f"{where}.strength: {strength} x num_inference_steps {steps} leaves no denoising step; "
+                "raise strength or num_inference_steps."
+            )
     total = len(rows) * params.num_images_per_prompt
     if total > limits.max_images:
         raise InvalidRequest(
@@ -335,7 +387,7 @@ def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
             "(SD_ENDPOINT_MAX_IMAGES_PER_REQUEST)."
         )
 
-    resolved = []
+    negatives = []
     for pos, row in enumerate(rows):
         negative = row.negative_prompt if row.negative_prompt is not None else params.negative_prompt
         if negative and guidance <= 1.0:
@@ -343,15 +395,129 @@ def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
                 f"input_data.data[{pos}]: a negative_prompt has no effect when guidance_scale <= 1 "
                 f"(got {guidance}); raise guidance_scale or leave the negative prompt out."
             )
+        negatives.append(negative or None)
+
+    # Images last: decoding is the expensive check.
+    inputs: list[tuple[Image.Image | None, Image.Image | None]] = [(None, None)] * len(rows)
+    if task == "text-to-image":
+        height = params.height or limits.default_height
+        width = params.width or limits.default_width
+    else:
+        inputs = [_row_images(pos, row, limits) for pos, row in enumerate(rows)]
+        width, height = _image_output_size(inputs, params, limits)
+    if height * width > limits.max_pixels:
+        raise InvalidRequest(
+            f"{where}.height x width: {height}x{width} = {height * width} pixels is over the limit of "
+            f"{limits.max_pixels} (SD_ENDPOINT_MAX_PIXELS)."
+        )
+
+    resolved = []
+    for pos, row in enumerate(rows):
         base = row.seed if row.seed is not None else params.seed
         if base is None:
             base = secrets.randbelow(2**31)
         seeds = tuple((base + k) % (MAX_SEED + 1) for k in range(params.num_images_per_prompt))
         index: int | str = data.index[pos] if data.index is not None else pos
-        resolved.append(RowRequest(pos, index, row.prompt, negative or None, seeds))
+        image, mask = inputs[pos]
+        if image is not None:
+            image = images_in.resized(image, width, height)
+        if mask is not None:
+            mask = images_in.resized(mask, width, height)
+        resolved.append(RowRequest(pos, index, row.prompt, negatives[pos], seeds, image, mask))
 
-    spec = GenerationSpec(height, width, steps, float(guidance), scheduler, float(eta))
+    spec = GenerationSpec(height, width, steps, float(guidance), scheduler, float(eta), task, float(strength))
     return ScoringRequest(spec, params.output_format, tuple(resolved))
+
+
+def _task_of(rows: list[Row]) -> TaskName:
+    """The one task of a request, from which image columns its rows fill."""
+    for pos, row in enumerate(rows):
+        if row.mask_image is not None and row.image is None:
+            raise InvalidRequest(
+                f"input_data.data[{pos}].mask_image: given without an image; inpainting needs both "
+                "'image' and 'mask_image' (image-to-image needs only 'image')."
+            )
+    first = rows[0].task
+    for pos, row in enumerate(rows):
+        if row.task != first:
+            raise InvalidRequest(
+                f"input_data.data[{pos}]: is a {row.task} row but input_data.data[0] is {first}; "
+                "one request holds one task (rows with 'image', with 'image' and 'mask_image', or with neither): "
+                "send them as separate requests."
+            )
+    return first
+
+
+def _row_images(pos: int, row: Row, limits: Limits) -> tuple[Image.Image, Image.Image | None]:
+    """The row's input image (RGB) and mask (L), decoded and checked, at their own size."""
+    where = f"input_data.data[{pos}]"
+    assert row.image is not None
+    image = _load_image(f"{where}.image", row.image, limits, images_in.as_rgb)
+    if row.mask_image is None:
+        return image, None
+    mask = _load_image(f"{where}.mask_image", row.mask_image, limits, images_in.as_mask)
+    if mask.size != image.size:
+        raise InvalidRequest(
+            f"{where}.mask_image: is {mask.size[0]}x{mask.size[1]} but the image is "
+            f"{image.size[0]}x{image.size[1]}; the mask must be the same size as the image."
+        )
+    return image, mask
+
+
+def _load_image(where: str, text: str, limits: Limits, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    try:
+        return convert(images_in.open_image(images_in.decode_base64(text, limits.images), limits.images))
+    except images_in.ImageInputError as exc:
+        raise InvalidRequest(f"{where}: {exc}.") from None
+
+
+def _image_output_size(
+    inputs: list[tuple[Image.Image | None, Image.Image | None]], params: Parameters, limits: Limits
+) -> tuple[int, int]:
+    """(width, height) of the output: the input's size (see ``image_output_size``), the same for every row."""
+    sizes = []
+    for image, _mask in inputs:
+        assert image is not None
+        sizes.append(image_output_size(image.size, params.width, params.height, limits.max_pixels))
+    for pos, size in enumerate(sizes):
+        if size != sizes[0]:
+            w0, h0 = inputs[0][0].size if inputs[0][0] is not None else (0, 0)
+            raise InvalidRequest(
+                f"input_data.data[{pos}].image: gives a {size[0]}x{size[1]} output but input_data.data[0].image "
+                f"({w0}x{h0}) gives {sizes[0][0]}x{sizes[0][1]}; one request makes one size. Set parameters "
+                "height and width to resize every image to them, or send the rows separately."
+            )
+    return sizes[0]
+
+
+def image_output_size(
+    size: tuple[int, int], want_width: int | None, want_height: int | None, max_pixels: int
+) -> tuple[int, int]:
+    """(width, height) for an input image of ``size``.
+
+    Without height/width: the input's own size, scaled down into the pixel cap and rounded down to a
+    multiple of 8 - what diffusers' image processor does, so the output equals diffusers' given the
+    original picture. With one of them, the other keeps the aspect ratio.
+    """
+    width, height = size
+    if want_width is not None and want_height is not None:
+        return want_width, want_height
+    if want_width is not None:
+        return want_width, _side(height * want_width / width)
+    if want_height is not None:
+        return _side(width * want_height / height), want_height
+    scale = min(1.0, math.sqrt(max_pixels / (width * height)))
+    w, h = _side(width * scale), _side(height * scale)
+    while w * h > max_pixels:  # an extreme aspect ratio whose short side was raised to MIN_SIDE
+        if w >= h:
+            w -= 8
+        else:
+            h -= 8
+    return w, h
+
+
+def _side(value: float) -> int:
+    return min(MAX_SIDE, max(MIN_SIDE, int(value) // 8 * 8))
 
 
 def _check_columns(columns: list[str] | None) -> list[str] | None:

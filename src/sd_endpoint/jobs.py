@@ -30,6 +30,9 @@ SCHEDULER_NAMES: tuple[SchedulerName, ...] = (
 # Schedulers whose step() takes eta; for the others a non-zero eta would be silently ignored.
 SCHEDULERS_WITH_ETA: frozenset[str] = frozenset({"ddim"})
 
+# The task follows from the request's columns: "image" -> image-to-image, "image" + "mask_image" -> inpainting.
+TaskName = Literal["text-to-image", "image-to-image", "inpainting"]
+
 
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -41,6 +44,17 @@ class GenerationSpec:
     guidance_scale: float
     scheduler: SchedulerName
     eta: float = 0.0
+    task: TaskName = "text-to-image"
+    # Image-to-image and inpainting: the fraction of the schedule that runs, from the noised input image
+    # (1.0: from pure noise). Text-to-image always runs the whole schedule.
+    strength: float = 1.0
+
+    @property
+    def denoising_steps(self) -> int:
+        """UNet steps this spec runs: diffusers skips the first (1 - strength) of the schedule."""
+        if self.task == "text-to-image":
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,10 @@ class ImageTask:
     prompt: str
     negative_prompt: str | None
     seed: int
+    # Image-to-image and inpainting: the RGB input and the single-channel mask (white = repaint), both
+    # already at the spec's height x width (the contract resized them).
+    image: Image.Image | None = field(default=None, repr=False)
+    mask: Image.Image | None = field(default=None, repr=False)
 
 
 class CancelToken:

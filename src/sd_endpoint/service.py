@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sd_endpoint import metrics
@@ -66,6 +66,8 @@ class GenerationService:
             default_width=settings.default_width or width,
             default_steps=settings.default_steps,
             default_guidance_scale=settings.default_guidance_scale,
+            max_image_bytes=settings.max_image_bytes,
+            max_input_pixels=settings.max_input_pixels,
         )
         self.ready = False
         self._encoder = ThreadPoolExecutor(max_workers=4, thread_name_prefix="encode")
@@ -154,6 +156,15 @@ class GenerationService:
                 skipped = self._fail_open_or_raise(exc)
             timings["screen_prompt"] = time.perf_counter() - t
             metrics.SCREENING_SECONDS.labels("prompt").observe(timings["screen_prompt"])
+        # A blocked input image blocks its row from here on, as a blocked prompt does.
+        if screening and not skipped and request.spec.task != "text-to-image":
+            t = time.perf_counter()
+            try:
+                prompt_verdicts = self._screen_inputs(rows, prompt_verdicts)
+            except ScreeningUnavailable as exc:
+                skipped = self._fail_open_or_raise(exc)
+            timings["screen_input_image"] = time.perf_counter() - t
+            metrics.SCREENING_SECONDS.labels("input_image").observe(timings["screen_input_image"])
 
         tasks: list[ImageTask] = []
         owners: list[tuple[int, int]] = []  # (row position, image number) for each task
@@ -197,6 +208,24 @@ class GenerationService:
         return ScoreResult(records, headers, timings, len(tasks), result.steps_done, blocked)
 
     # -- helpers -------------------------------------------------------------------------------
+    def _screen_inputs(self, rows: Sequence[RowRequest], verdicts: Sequence[Verdict | None]) -> list[Verdict | None]:
+        """Screen each input image whose prompt passed; a blocked input blocks its row, like a prompt."""
+        todo = [
+            (i, row.image)
+            for i, (row, v) in enumerate(zip(rows, verdicts, strict=True))
+            if row.image is not None and (v is None or not v.blocked)
+        ]
+        out = list(verdicts)
+        if not todo:
+            return out
+        # The image as the model sees it (RGB, resized into the pixel cap): within the screening
+        # service's size limits whatever was uploaded.
+        encoded = list(self._encoder.map(lambda item: encode_image(item[1], "png"), todo))
+        for (i, _), verdict in zip(todo, self.screener.screen_images(encoded), strict=True):
+            if verdict.blocked:
+                out[i] = replace(verdict, stage="input_image")
+        return out
+
     def _fail_open_or_raise(self, exc: ScreeningUnavailable) -> bool:
         if not self.fail_open:
             raise exc

@@ -67,7 +67,17 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=1024 * 1024, ge=64 * 64, description="Cap on height*width.")
     max_steps: int = Field(default=150, ge=1, le=1000, description="Upper bound of num_inference_steps.")
     max_prompt_chars: int = Field(default=20_000, ge=1, description="Longest prompt or negative prompt accepted.")
-    max_body_bytes: int = Field(default=1_000_000, ge=1024, description="Larger request bodies get 413.")
+    max_body_bytes: int = Field(
+        default=20_000_000, ge=1024, description="Larger request bodies get 413 (room for base64 input images)."
+    )
+    max_image_bytes: int = Field(
+        default=10_000_000, ge=1024, description="Largest input image (image-to-image, inpainting), decoded bytes."
+    )
+    max_input_pixels: int = Field(
+        default=4096 * 4096,
+        ge=64 * 64,
+        description="Largest input image in pixels, read from its header before decoding (decompression bombs).",
+    )
     default_height: int | None = Field(default=None, description="Default: the model's native size.")
     default_width: int | None = Field(default=None, description="Default: the model's native size.")
     default_steps: int = Field(default=50, ge=1, description="num_inference_steps when a request gives none.")

@@ -182,11 +182,17 @@ def test_sample_requests_are_valid_requests() -> None:
 
     samples = sorted(DEPLOY.glob("sample-request*.json"))
     assert [p.name for p in samples] == [
+        "sample-request-image-to-image.json",
+        "sample-request-inpainting.json",
         "sample-request-negative-prompt.json",
         "sample-request-parameters.json",
         "sample-request.json",
     ]
     parsed = {p.name: parse_request(p.read_bytes(), Limits()) for p in samples}
+    image_to_image, inpainting = parsed["sample-request-image-to-image.json"], parsed["sample-request-inpainting.json"]
+    assert (image_to_image.spec.task, image_to_image.spec.strength) == ("image-to-image", 0.75)
+    assert (inpainting.spec.task, inpainting.spec.width, inpainting.spec.height) == ("inpainting", 768, 768)
+    assert inpainting.rows[0].mask is not None and inpainting.rows[0].mask.size == (768, 768)
     assert parsed["sample-request.json"].rows[0].prompt == "a photograph of an astronaut riding a horse"
     assert [r.negative_prompt for r in parsed["sample-request-negative-prompt.json"].rows] == [
         "blurry; cartoonish",

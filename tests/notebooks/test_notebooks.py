@@ -87,14 +87,17 @@ def _leftover_pids(nb: nbformat.NotebookNode) -> list[int]:
 
 def test_online_notebook_local_path(notebook_env: None, tiny_model_dir: Path) -> None:
     text, images = run("text-to-image-online-endpoint.ipynb", tiny_model_dir)
-    # Model card form (1 image), negative-prompt rows (2), parameters with num_images_per_prompt 2 (2).
-    assert len(images) == 5
-    assert all(im.size == (64, 64) for im in images)
-    assert text.count("HTTP 200") == 3
+    # Model card form (1 image), negative-prompt rows (2), parameters with num_images_per_prompt 2 (2),
+    # image-to-image (1) and inpainting (1); plus the 128x128 input image and mask shown before them.
+    assert [im.size for im in images if im.size != (64, 64)] == [(128, 128), (128, 128)]
+    assert len(images) == 9
+    assert text.count("HTTP 200") == 5
     assert "row 0: 'a photograph of an astronaut riding a horse' seed=42 size=(64, 64)" in text
     assert "seeds: [42, 43]" in text
+    assert "row 0: 'an oil painting of hills by a lake at sunset' seed=42 size=(64, 64)" in text
+    assert "row 0: 'a small red sailing boat on the lake' seed=7 size=(64, 64)" in text
     assert re.search(r"400 \{'message': .*guidence_scale", text)
-    assert "local server stopped; images shown: 5" in text
+    assert "local server stopped; images shown: 7" in text
 
 
 def test_safe_notebook_local_path_with_the_emulator(notebook_env: None, tiny_model_dir: Path) -> None:

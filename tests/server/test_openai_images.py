@@ -309,3 +309,161 @@ def test_screening_blocks_like_openai_content_policy(screened: TestClient) -> No
     body = partly.json()
     assert [item["seed"] for item in body["data"]] == [10, 12]
     assert [(b["seed"], b["reason"]) for b in body["blocked"]] == [(11, "image stage: Sexual (severity 6)")]
+
+
+# ------------------------------------------------------------------------------------------------
+# Edits: image-to-image and inpainting, multipart
+
+EDITS = "/v1/images/edits"
+
+
+def png(size: tuple[int, int], colour: Any = (200, 30, 30), mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def openai_mask(size: tuple[int, int]) -> bytes:
+    """OpenAI's convention: the left half transparent (repaint), the right half opaque (keep)."""
+    image = Image.new("RGBA", size, (10, 20, 30, 255))
+    image.paste((0, 0, 0, 0), (0, 0, size[0] // 2, size[1]))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def edit(client: TestClient, files: dict[str, Any], **fields: Any) -> Any:
+    data = {"prompt": "a red barn", "steps": "4", **{k: str(v) for k, v in fields.items()}}
+    return client.post(EDITS, data=data, files=files)
+
+
+def test_image_to_image_takes_the_inputs_size_and_strength(client: TestClient) -> None:
+    backend = client.app.state.sd.service.backend  # type: ignore[attr-defined]
+    resp = edit(client, {"image": ("in.png", png((96, 64)), "image/png")}, strength=0.5, seed=3, n=2)
+    assert resp.status_code == 200, resp.text
+    spec, tasks = backend.calls[-1]
+    assert (spec.task, spec.strength, spec.width, spec.height) == ("image-to-image", 0.5, 96, 64)
+    assert [t.seed for t in tasks] == [3, 4] and all(t.mask is None for t in tasks)
+    assert tasks[0].image.getpixel((5, 5)) == (200, 30, 30)
+    body = resp.json()
+    assert body["size"] == "96x64" and [decode(i).size for i in body["data"]] == [(96, 64), (96, 64)]
+
+
+def test_an_openai_mask_becomes_white_where_it_is_transparent(client: TestClient) -> None:
+    backend = client.app.state.sd.service.backend  # type: ignore[attr-defined]
+    files = {"image": ("in.png", png((64, 64)), "image/png"), "mask": ("mask.png", openai_mask((64, 64)), "image/png")}
+    resp = edit(client, files, size="64x64")
+    assert resp.status_code == 200, resp.text
+    spec, (task,) = backend.calls[-1]
+    assert spec.task == "inpainting" and task.mask is not None
+    assert (task.mask.getpixel((5, 5)), task.mask.getpixel((60, 5))) == (255, 0)  # repaint left, keep right
+
+
+def test_a_mask_without_transparency_is_read_as_the_contracts_white_means_repaint(client: TestClient) -> None:
+    backend = client.app.state.sd.service.backend  # type: ignore[attr-defined]
+    grey = Image.new("L", (64, 64), 0)
+    grey.paste(255, (0, 0, 64, 16))  # the top quarter white: repaint
+    buf = io.BytesIO()
+    grey.save(buf, "PNG")
+    files = {"image": ("in.png", png((64, 64)), "image/png"), "mask": ("mask.png", buf.getvalue(), "image/png")}
+    assert edit(client, files).status_code == 200
+    _, (task,) = backend.calls[-1]
+    assert (task.mask.getpixel((5, 5)), task.mask.getpixel((5, 40))) == (255, 0)
+
+
+def test_edits_take_the_same_bearer_key(keyed_client: TestClient) -> None:
+    files = {"image": ("in.png", png((64, 64)), "image/png")}
+    denied = edit(keyed_client, files)
+    assert denied.status_code == 401 and error_of(denied)["code"] == "invalid_api_key"
+    ok = keyed_client.post(
+        EDITS, data={"prompt": "x", "steps": "2"}, files=files, headers={"Authorization": f"Bearer {KEYS[1]}"}
+    )
+    assert ok.status_code == 200, ok.text
+
+
+BAD_EDITS: list[tuple[str, dict[str, Any], dict[str, Any], str, str | None]] = [
+    # (case, files, fields, text the message must contain, param)
+    ("no image", {}, {}, "image: is required", "image"),
+    ("not an image", {"image": ("a.png", b"not a picture", "image/png")}, {}, "image: is not a PNG", "image"),
+    (
+        "mask of another size",
+        {"image": ("a.png", png((64, 64)), "image/png"), "mask": ("m.png", png((32, 32), 255, "L"), "image/png")},
+        {},
+        "mask: is 32x32 but the image is 64x64",
+        "mask",
+    ),
+    (
+        "colour mask",
+        {"image": ("a.png", png((64, 64)), "image/png"), "mask": ("m.png", png((64, 64), (1, 2, 3)), "image/png")},
+        {},
+        "mask: is a colour image",
+        "mask",
+    ),
+    (
+        "mask that is not an image",
+        {"image": ("a.png", png((64, 64)), "image/png"), "mask": ("m.png", b"GIF89a....", "image/png")},
+        {},
+        "mask: is not a PNG, JPEG or WebP image",
+        "mask",
+    ),
+    (
+        "strength out of range",
+        {"image": ("a.png", png((64, 64)), "image/png")},
+        {"strength": 1.5},
+        "strength",
+        "strength",
+    ),
+    (
+        "steps not a number",
+        {"image": ("a.png", png((64, 64)), "image/png")},
+        {"steps": "many"},
+        "steps: must be an integer",
+        "steps",
+    ),
+    (
+        "unknown field",
+        {"image": ("a.png", png((64, 64)), "image/png")},
+        {"colour": "red"},
+        "Unknown field 'colour'",
+        "colour",
+    ),
+    (
+        "strength leaves no step",
+        {"image": ("a.png", png((64, 64)), "image/png")},
+        {"strength": 0.1, "steps": 2},
+        "strength: 0.1 x steps 2 leaves no denoising step",
+        "strength",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "files", "fields", "expected", "param"), BAD_EDITS, ids=[c[0] for c in BAD_EDITS])
+def test_each_bad_edit_is_a_400_naming_the_openai_field(
+    client: TestClient, case: str, files: dict[str, Any], fields: dict[str, Any], expected: str, param: str | None
+) -> None:
+    data = {"prompt": "a red barn", "steps": "4", **{k: str(v) for k, v in fields.items()}}
+    resp = client.post(EDITS, data=data, files=files or {"note": (None, "multipart without a file")})
+    assert resp.status_code == 400, (case, resp.text)
+    error = error_of(resp)
+    assert expected in error["message"] and error["param"] == param, error
+    assert "input_data" not in error["message"] and "mask_image" not in error["message"], error
+
+
+def test_two_images_or_json_are_refused(client: TestClient) -> None:
+    two = [("image[]", ("a.png", png((64, 64)), "image/png")), ("image[]", ("b.png", png((64, 64)), "image/png"))]
+    resp = client.post(EDITS, data={"prompt": "x"}, files=two)
+    assert resp.status_code == 400 and "one image per request" in error_of(resp)["message"]
+    as_json = client.post(EDITS, json={"prompt": "x", "image": "aGk="})
+    assert as_json.status_code == 415 and "multipart/form-data" in error_of(as_json)["message"]
+
+
+def test_a_decompression_bomb_mask_is_refused_before_decoding() -> None:
+    app, _ = fake_app(max_input_pixels=64 * 64)
+    with TestClient(app) as c:
+        wait_ready(c.get)
+        big = png((200, 200), (0, 0, 0, 0), "RGBA")
+        files = {"image": ("a.png", png((64, 64)), "image/png"), "mask": ("m.png", big, "image/png")}
+        resp = edit(c, files)
+        assert resp.status_code == 400
+        error = error_of(resp)
+        assert error["param"] == "mask" and "SD_ENDPOINT_MAX_INPUT_PIXELS" in error["message"]

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -94,6 +95,59 @@ def test_errors_surface_as_the_sdks_exceptions_with_our_message(client: openai.O
     with pytest.raises(openai.AuthenticationError) as denied:
         wrong_key.images.generate(prompt="a cat")
     assert denied.value.code == "invalid_api_key" and "Invalid key" in denied.value.message
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_edit_does_image_to_image_and_inpainting(client: openai.OpenAI, server: LiveServer) -> None:
+    source = Image.linear_gradient("L").resize((64, 64)).convert("RGB")
+    alpha_mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    alpha_mask.paste((0, 0, 0, 0), (0, 0, 32, 64))  # OpenAI's mask: transparent = repaint (the left half)
+    image_file = ("in.png", png_bytes(source), "image/png")
+    extras = {"seed": 5, "steps": 4}
+
+    i2i = client.images.edit(image=image_file, prompt="a red barn", n=2, extra_body={**extras, "strength": 0.75})
+    assert i2i.data is not None and len(i2i.data) == 2 and i2i.size == "64x64"  # the input's size
+    assert all(pixels(item.b64_json).shape == (64, 64, 3) for item in i2i.data)
+
+    inpaint = client.images.edit(
+        image=image_file,
+        mask=("mask.png", png_bytes(alpha_mask), "image/png"),
+        prompt="a red barn",
+        size="64x64",  # type: ignore[arg-type]
+        extra_body=extras,
+    )
+    assert inpaint.data is not None and inpaint.data[0].b64_json
+    assert not np.array_equal(pixels(inpaint.data[0].b64_json), pixels(i2i.data[0].b64_json))
+
+    # The same request in the contract's own form (white = repaint) through /score: the very same image.
+    white_mask = Image.new("L", (64, 64), 0)
+    white_mask.paste(255, (0, 0, 32, 64))
+    row = {
+        "prompt": "a red barn",
+        "image": base64.b64encode(png_bytes(source)).decode(),
+        "mask_image": base64.b64encode(png_bytes(white_mask)).decode(),
+    }
+    body = {
+        "input_data": {"columns": list(row), "data": [row], "index": [0]},
+        "parameters": {"num_inference_steps": 4, "seed": 5, "width": 64, "height": 64},
+    }
+    score = httpx.post(f"{server.url}/score", json=body, headers=server.headers(), timeout=300)
+    assert score.status_code == 200, score.text
+    assert score.json()[0]["generated_image"] == inpaint.data[0].b64_json
+
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.images.edit(
+            image=image_file,
+            mask=("m.png", png_bytes(white_mask.resize((32, 32))), "image/png"),
+            prompt="a red barn",
+            extra_body=extras,
+        )
+    assert bad.value.param == "mask" and "mask: is 32x32 but the image is 64x64" in bad.value.message
 
 
 def test_the_readme_snippet_runs_as_written(

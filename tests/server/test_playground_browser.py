@@ -186,6 +186,38 @@ def test_generate_show_images_seeds_blocks_and_errors(browser: Any, server: Live
     assert "Blocked at the prompt stage: Violence (severity 4)." in blocked.text and "seed 123" in blocked.text
     assert not browser.find_elements("css selector", "#results figure img")
 
+    # Inpainting: an uploaded input image, a mask drawn on it; the contract's image and mask_image columns.
+    if image_tasks:
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        source = tmp_path / "input.png"
+        Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(source)
+        browser.find_element("id", "image-file").send_keys(str(source))
+        WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "mask-canvas").is_displayed())
+        canvas = browser.find_element("id", "mask-canvas")
+        # A stroke across the canvas's middle, left to right.
+        ActionChains(browser).move_to_element_with_offset(canvas, -60, 0).click_and_hold().move_by_offset(
+            120, 0
+        ).release().perform()
+        fill(browser, "prompt", "a red barn")
+        fill(browser, "count", 1)
+        generate(browser)
+        assert not browser.find_element("id", "error").is_displayed(), browser.find_element("id", "error").text
+        sent = curl_body(browser)
+        assert sent["input_data"]["columns"] == ["prompt", "image", "mask_image"]
+        assert sent["parameters"]["strength"] == 0.8
+        (row,) = sent["input_data"]["data"]
+        assert base64.b64decode(row["image"]) == source.read_bytes()  # the file itself, untouched
+        mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(row["mask_image"]))).convert("L"))
+        assert mask.shape == (64, 64) and mask[32, 32] == 255 and mask[2, 2] == 0  # drawn = white = repaint
+        (result,) = browser.find_elements("css selector", "#results figure img")
+        assert browser.execute_script("return arguments[0].naturalWidth", result) == 64
+        assert browser.find_element("css selector", "#results figcaption").text == "seed 123"
+        browser.execute_script("window.scrollTo(0, 0)")
+        assert browser.save_screenshot(str(tmp_path / "playground-inpaint.png"))
+        browser.find_element("id", "image-clear").click()
+
     # A bad value goes to the server as typed, and the server's message is shown.
     fill(browser, "prompt", "a lighthouse at dawn")
     fill(browser, "steps", 1000)

@@ -223,6 +223,8 @@ def captured_batch_sizes(shapes: Sequence[WarmShape], spec: GenerationSpec) -> l
     With guidance the UNet sees two rows per image (conditional and unconditional), without it one, so
     a graph captured for b images with guidance also serves 2b images without.
     """
+    if spec.task != "text-to-image":
+        return []  # graphs were captured and self-checked for text-to-image; other tasks take the diffusers path
     cfg = spec.guidance_scale > 1
     sizes = {b if cfg else 2 * b for h, w, b in shapes if (h, w) == (spec.height, spec.width)}
     return sorted(sizes, reverse=True)

@@ -215,22 +215,22 @@ class DiffusersBackend:
         return cls.from_config(self._scheduler_config)
 
     def pipeline_for(self, spec: GenerationSpec, *, eager: bool = False) -> Any:
-        """A pipeline over the shared modules with a fresh scheduler; ``eager`` bypasses graphs/compile."""
-        from diffusers import StableDiffusionPipeline
+        """The spec's task pipeline over the shared modules with a fresh scheduler.
+
+        ``eager`` bypasses graphs/compile. Image-to-image and inpainting always run the eager UNet: the
+        warm shapes were captured and checked for text-to-image only.
+        """
+        from sd_endpoint.backends.image_tasks import build_pipeline
 
         p = self.pipe
-        pipe = StableDiffusionPipeline(
+        return build_pipeline(
+            spec.task,
             vae=p.vae,
             text_encoder=p.text_encoder,
             tokenizer=p.tokenizer,
-            unet=self._raw_unet if eager else p.unet,
+            unet=self._raw_unet if eager or spec.task != "text-to-image" else p.unet,
             scheduler=self.make_scheduler(spec.scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
 
     def generators(self, tasks: Sequence[ImageTask]) -> list[Any]:
         # CPU generators: the same seed gives the same initial noise on every device and in any batch.
@@ -246,15 +246,19 @@ class DiffusersBackend:
         eager: bool = False,
     ) -> tuple[Any, Any, list[Any], int]:
         """The denoised latents: (pipeline, latents, generators, steps done). Call under inference_mode."""
+        from sd_endpoint.backends.image_tasks import call_arguments
+
         pipe = self.pipeline_for(spec, eager=eager)
         generators = self.generators(tasks)
+        task_args = call_arguments(spec, tasks)
         steps_done = 0
+        total = spec.denoising_steps
 
         def step_end(_pipe: Any, i: int, _t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             nonlocal steps_done
             steps_done = i + 1
             if on_step is not None:
-                on_step(steps_done, spec.steps)
+                on_step(steps_done, total)
             if cancel is not None:
                 cancel.steps_done = steps_done
                 cancel.check()  # raises: stops here, before the next UNet call and before the VAE
@@ -277,13 +281,12 @@ class DiffusersBackend:
         latents = pipe(
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_embeds,
-            height=spec.height,
-            width=spec.width,
             num_inference_steps=spec.steps,
             guidance_scale=spec.guidance_scale,
             generator=generators,
             output_type="latent",
             callback_on_step_end=step_end,
+            **task_args,
             **extra,
         ).images
         return pipe, latents, generators, steps_done

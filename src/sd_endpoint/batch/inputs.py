@@ -1,10 +1,14 @@
 """Reading batch input files: one prompt per row, every problem reported with its file and line, never raised.
 
-* ``.csv`` with a header naming ``prompt`` and optionally ``negative_prompt`` and ``seed``; a leading unnamed
-  column (the index ``DataFrame.to_csv`` writes) is ignored;
+* ``.csv`` with a header naming ``prompt`` and optionally ``negative_prompt``, ``seed``, ``image`` and
+  ``mask_image``; a leading unnamed column (the index ``DataFrame.to_csv`` writes) is ignored;
 * ``.jsonl`` / ``.ndjson``: one JSON object per line (``{"prompt": ..., "negative_prompt": ..., "seed": ...}``)
   or one JSON string;
 * ``.txt``: one prompt per line.
+
+``image`` / ``mask_image`` (image-to-image, inpainting) hold a file name relative to the input file's folder, as
+Azure's image batch samples do, or the image itself in base64. Image files in an input folder are assets of
+such rows, not input files, so a folder listing skips them.
 
 Blank lines are skipped. Each row carries two positions: ``row``, its 0-based number among the file's rows
 (what Azure's ``predictions.csv`` calls ``row_number_per_file``), and ``line``, the 1-based physical line
@@ -24,7 +28,8 @@ from typing import Any
 
 from sd_endpoint.errors import ConfigError
 
-INPUT_COLUMNS = ("prompt", "negative_prompt", "seed")
+INPUT_COLUMNS = ("prompt", "negative_prompt", "seed", "image", "mask_image")
+IMAGE_FILE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".txt": "txt"}
 IMAGE_SUFFIX = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _DERIVED_SEED_BITS = 31
@@ -41,6 +46,8 @@ class InputRow:
     seed: Any = None
     extra: tuple[str, ...] = ()
     row: int = 0
+    image: Any = None  # a file name relative to the input file's folder, or base64
+    mask_image: Any = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +65,8 @@ def read_input(path: Path) -> tuple[list[InputRow], list[BadInput]]:
     """Rows and problems of one input file; never raises for the file's content."""
     name = path.name
     kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None and path.suffix.lower() in IMAGE_FILE_SUFFIXES:
+        return [], []  # an input image of some row (Azure lists every file of the input folder)
     if kind is None:
         allowed = ", ".join(sorted(SUFFIXES))
         return [], [BadInput(name, None, f"unsupported file type {path.suffix or '(none)'!r}; expected {allowed}")]
@@ -94,7 +103,17 @@ def _read_jsonl(name: str, text: str) -> tuple[list[InputRow], list[BadInput]]:
         elif isinstance(value, dict):
             unknown = tuple(k for k in value if k not in INPUT_COLUMNS)
             rows.append(
-                InputRow(name, n, value.get("prompt"), value.get("negative_prompt"), value.get("seed"), unknown, i)
+                InputRow(
+                    name,
+                    n,
+                    value.get("prompt"),
+                    value.get("negative_prompt"),
+                    value.get("seed"),
+                    unknown,
+                    i,
+                    value.get("image"),
+                    value.get("mask_image"),
+                )
             )
         else:
             bad.append(BadInput(name, n, 'expected a JSON object {"prompt": ...} or a JSON string', i))
@@ -155,6 +174,8 @@ def _read_csv(name: str, text: str) -> tuple[list[InputRow], list[BadInput]]:
                 values.get("negative_prompt") or None,
                 values.get("seed") or None,
                 row=count - 1,
+                image=values.get("image") or None,
+                mask_image=values.get("mask_image") or None,
             )
         )
     return rows, bad
@@ -189,7 +210,7 @@ def image_name(file: str, line: int, seed: int, output_format: str = "png") -> s
 
 
 def input_files(source: Path) -> list[Path]:
-    """A file, or every non-hidden file under a folder, sorted."""
+    """A file, or every non-hidden file under a folder except image files (the rows' inputs), sorted."""
     if source.is_file():
         return [source]
     if not source.is_dir():
@@ -197,5 +218,7 @@ def input_files(source: Path) -> list[Path]:
     return sorted(
         p
         for p in source.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(source).parts)
+        if p.is_file()
+        and p.suffix.lower() not in IMAGE_FILE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(source).parts)
     )

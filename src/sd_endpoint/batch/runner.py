@@ -3,8 +3,10 @@
 Each image is written to the output folder as ``<file>_L<line>_s<seed>.<ext>``; that name is a pure function
 of the input file, the line and the seed, so a rerun (or an Azure retry of a mini-batch) finds the images
 already written and does not generate them again. A row without a seed gets one derived from its file, line
-and text, so reruns reproduce it. Every row, good or bad, becomes one ``Prediction``. A file that cannot be
-read or a row that is invalid is reported with its file and line, and everything else is still processed.
+and text, so reruns reproduce it. Rows with an ``image`` (and ``mask_image``) column are image-to-image (and
+inpainting) rows; consecutive rows of the same task and size share a pipeline call. Every row, good or bad,
+becomes one ``Prediction``. A file that cannot be read or a row that is invalid is reported with its file and
+line, and everything else is still processed.
 Failures that are not the input's fault (the model, the GPU, content screening unavailable) raise, so that
 Azure retries the mini-batch and counts it against ``error_threshold``.
 """
@@ -26,7 +28,8 @@ from sd_endpoint.batch.settings import BatchSettings
 from sd_endpoint.errors import ConfigError, InvalidRequest
 
 if TYPE_CHECKING:
-    from sd_endpoint.contract import RowRequest
+    from sd_endpoint.contract import RowRequest, ScoringRequest
+    from sd_endpoint.jobs import GenerationSpec
     from sd_endpoint.service import GenerationService
 
 MAX_REPORTED = 20
@@ -71,8 +74,10 @@ class Summary:
 @dataclass(frozen=True)
 class _Planned:
     input: InputRow
-    row: RowRequest
+    row: RowRequest  # without its decoded images: they are read again when the row is generated
     names: tuple[str, ...]
+    spec: GenerationSpec
+    folder: Path  # the input file's folder: image file names are relative to it
 
     def prediction(self, name: str, seed: int, status: Status) -> Prediction:
         return Prediction(self.input.row, self.input.line, self.row.prompt, name, None, self.input.file, seed, status)
@@ -97,13 +102,15 @@ class BatchRunner:
         limits = service.limits
         self.group_images = max(1, min(service.settings.max_batch_size, limits.max_images))
         # Validate the shared parameters once, with a message naming where they came from.
+        probe_row: dict[str, Any] = {"prompt": "probe"}
+        if "strength" in self.parameters:  # an image-to-image parameter: probe with an image row
+            probe_row["image"] = _probe_image()
         try:
-            probe = self.service.parse({"input_data": {"data": ["probe"]}, "parameters": self.parameters})
+            probe = self.service.parse({"input_data": {"data": [probe_row]}, "parameters": self.parameters})
         except InvalidRequest as exc:
             raise ConfigError(
                 f"Batch parameters (SD_ENDPOINT_BATCH_PARAMETERS / --parameters): {exc.message}"
             ) from None
-        self.spec = probe.spec
         self.output_format = probe.output_format
 
     @classmethod
@@ -133,12 +140,19 @@ class BatchRunner:
         planned: list[_Planned] = []
         for item in inputs:
             try:
-                planned.append(self._plan_row(item))
+                planned.append(self._plan_row(item, path.parent))
             except InvalidRequest as exc:
                 errors.append(_error(item.file, item.row, item.line, exc.message, prompt=item.prompt))
         return planned, errors
 
-    def _plan_row(self, item: InputRow) -> _Planned:
+    def _plan_row(self, item: InputRow, folder: Path) -> _Planned:
+        request = self._parse_row(item, folder)
+        parsed = request.rows[0]
+        names = tuple(image_name(item.file, item.line, s, self.output_format) for s in parsed.seeds)
+        # Planning holds every row of a mini-batch at once; the decoded images wait for their turn on disk.
+        return _Planned(item, replace(parsed, image=None, mask=None), names, request.spec, folder)
+
+    def _parse_row(self, item: InputRow, folder: Path) -> ScoringRequest:
         if item.extra:
             raise InvalidRequest(
                 f"unknown key(s) {', '.join(map(repr, item.extra))}; allowed: {', '.join(INPUT_COLUMNS)}."
@@ -146,6 +160,10 @@ class BatchRunner:
         if item.prompt is None:
             raise InvalidRequest("missing 'prompt'.")
         row: dict[str, Any] = {"prompt": item.prompt}
+        for column in ("image", "mask_image"):
+            value = getattr(item, column)
+            if value is not None:
+                row[column] = self._image_value(value, folder, column)
         if item.negative_prompt is not None:
             row["negative_prompt"] = item.negative_prompt
         seed = csv_seed(item.seed)
@@ -155,16 +173,46 @@ class BatchRunner:
             row["seed"] = seed
         elif "seed" not in self.parameters:
             row["seed"] = derived_seed(item)
-        body = {"input_data": {"data": [row]}, "parameters": self.parameters}
+        parameters = self.parameters
+        if "image" not in row:  # a shared strength is for the file's image rows; text rows have none
+            parameters = {k: v for k, v in parameters.items() if k != "strength"}
+        body = {"input_data": {"data": [row]}, "parameters": parameters}
         try:
-            request = self.service.parse(body)
+            return self.service.parse(body)
         except InvalidRequest as exc:
             # The contract names fields of a request body; a batch user thinks in columns of a row.
             message = exc.message.removeprefix("Invalid request: ").replace(" (got a JSON string)", "")
             raise InvalidRequest(re.sub(r"input_data\.data\[0\]\.?|input_data\.", "", message)) from None
-        parsed = request.rows[0]
-        names = tuple(image_name(item.file, item.line, s, self.output_format) for s in parsed.seeds)
-        return _Planned(item, parsed, names)
+
+    def _image_value(self, value: Any, folder: Path, column: str) -> Any:
+        """A file name relative to the input file's folder becomes the file's base64; base64 stays as it is.
+
+        Base64 has no '.', a file name has an extension: that tells them apart.
+        """
+        if not isinstance(value, str):
+            return value  # the contract names the wrong type
+        text = value.strip()
+        if "." not in text or text.startswith(("data:", "https://", "http://")):
+            return text
+        root = folder.resolve()
+        path = (root / text).resolve()
+        if not path.is_relative_to(root):
+            raise InvalidRequest(f"{column}: {text!r} is outside the input file's folder; image files must be in it.")
+        limit = self.service.limits.max_image_bytes
+        try:
+            size = path.stat().st_size
+            if size > limit:
+                raise InvalidRequest(
+                    f"{column}: {text!r} is {size} bytes; the limit is {limit} bytes (SD_ENDPOINT_MAX_IMAGE_BYTES)."
+                )
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise InvalidRequest(
+                f"{column}: no file {text!r} in the input file's folder (image file names are relative to it)."
+            ) from None
+        except OSError as exc:
+            raise InvalidRequest(f"{column}: cannot read {text!r} ({exc.strerror or exc}).") from None
+        return base64.b64encode(data).decode("ascii")
 
     # -- running -------------------------------------------------------------------------------
     def run_files(
@@ -227,11 +275,12 @@ class BatchRunner:
         return out
 
     def _groups(self, todo: list[_Planned]) -> Iterator[list[_Planned]]:
+        """Consecutive rows of one spec (task, size), up to the batch size."""
         group: list[_Planned] = []
         images = 0
         for p in todo:
             n = len(p.names)
-            if group and images + n > self.group_images:
+            if group and (images + n > self.group_images or p.spec != group[0].spec):
                 yield group
                 group, images = [], 0
             group.append(p)
@@ -243,13 +292,22 @@ class BatchRunner:
         from sd_endpoint.contract import ScoringRequest
         from sd_endpoint.jobs import CancelToken
 
-        rows = tuple(replace(p.row, position=i, index=i) for i, p in enumerate(group))
-        request = ScoringRequest(self.spec, self.output_format, rows)
+        out: list[Prediction] = []
+        ready: list[_Planned] = []
+        rows: list[RowRequest] = []
+        for p in group:
+            try:
+                rows.append(replace(self._with_images(p), position=len(rows), index=len(rows)))
+                ready.append(p)
+            except InvalidRequest as exc:  # an image file changed or went away since planning
+                out.append(_error(p.input.file, p.input.row, p.input.line, exc.message, prompt=p.input.prompt))
+        if not rows:
+            return out
+        request = ScoringRequest(group[0].spec, self.output_format, tuple(rows))
         # No deadline: a batch row has no client waiting; Azure's retry_settings.timeout bounds a mini-batch.
         result = self.service.score(request, CancelToken(None))
         records = iter(result.records)
-        out: list[Prediction] = []
-        for p in group:
+        for p in ready:
             for name, seed in zip(p.names, p.row.seeds, strict=True):
                 record = next(records)
                 base = p.prediction(name, seed, "ok")
@@ -263,6 +321,25 @@ class BatchRunner:
                 warnings = "; ".join(record.get("warnings") or [])
                 out.append(replace(base, nsfw_content_detected=record.get("nsfw_content_detected"), error=warnings))
         return out
+
+    def _with_images(self, p: _Planned) -> RowRequest:
+        if p.spec.task == "text-to-image":
+            return p.row
+        request = self._parse_row(p.input, p.folder)
+        if request.spec != p.spec:
+            raise InvalidRequest("the row's image changed size while the mini-batch ran.")
+        row = request.rows[0]
+        return replace(p.row, image=row.image, mask=row.mask)
+
+
+def _probe_image() -> str:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _blocked_text(blocked: Any) -> str:

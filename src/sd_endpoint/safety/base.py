@@ -1,4 +1,4 @@
-"""The content-screening hook the service calls: prompts before generation, images after it."""
+"""The content-screening hook the service calls: prompts (and input images) before generation, images after."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-Stage = Literal["prompt", "image"]
+Stage = Literal["prompt", "input_image", "image"]  # "input_image": image-to-image/inpainting input
 
 
 @dataclass(frozen=True)

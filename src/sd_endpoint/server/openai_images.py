@@ -1,6 +1,7 @@
-"""OpenAI-compatible images API: ``POST /v1/images/generations``.
+"""OpenAI-compatible images API: ``POST /v1/images/generations`` and ``POST /v1/images/edits``.
 
-A translator only. The OpenAI request becomes one contract request (one row with ``n`` images) and takes the
+A translator only. The OpenAI request becomes one contract request (one row with ``n`` images; for edits the
+row carries the uploaded ``image`` and ``mask`` as the contract's ``image`` and ``mask_image``) and takes the
 same entry as ``/score`` (``routes.run_score``: readiness, admission, micro-batching, screening, timeout,
 metrics, the log line); the records come back as OpenAI's ``ImagesResponse``. Authentication is the same
 ``Authorization: Bearer <key>`` check. Errors keep their status but use OpenAI's body,
@@ -12,6 +13,11 @@ Names: OpenAI's own fields keep theirs (``prompt``, ``n``, ``size`` as ``"WIDTHx
 ``guidance_scale`` and ``scheduler`` (send them with the SDK's ``extra_body``). ``model``, ``quality``,
 ``style``, ``moderation`` and ``user`` are accepted and ignored: one model is served. Each image of the answer
 carries its ``seed``, so that it can be reproduced.
+
+Edits are multipart, as OpenAI's: ``image`` (one file), optional ``mask``, ``prompt``, ``n``, ``size`` and the
+same extras, plus ``strength``. OpenAI's mask marks the area to repaint with transparency (alpha 0); such a
+mask becomes the contract's white-means-repaint mask (255 - alpha). A mask with no transparency is passed on
+as it is, in the contract's own convention (white = repaint).
 """
 
 from __future__ import annotations
@@ -28,15 +34,20 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match
 
+from sd_endpoint import images_in
 from sd_endpoint.contract import OutputFormat, decode_body
-from sd_endpoint.errors import EndpointError, InvalidRequest
+from sd_endpoint.errors import EndpointError, InvalidRequest, UnsupportedMediaType
+from sd_endpoint.imaging import encode_image
 from sd_endpoint.jobs import SchedulerName
 from sd_endpoint.server.middleware import STATE_KEY
 from sd_endpoint.server.routes import check_content_type, read_body, run_score
 
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 # OpenAI's error "type" for each status we answer with.
@@ -62,9 +73,12 @@ _CONTRACT_NAMES: tuple[tuple[re.Pattern[str], str, str | None], ...] = (
     (re.compile(r"(?:input_data\.)?parameters\.num_inference_steps\b"), "steps", "steps"),
     (re.compile(r"(?:input_data\.)?parameters\.num_images_per_prompt\b"), "n", "n"),
     (re.compile(r"\bnum_images_per_prompt\b"), "n", "n"),
+    (re.compile(r"input_data\.data\[0\]\.mask_image\b"), "mask", "mask"),
     (re.compile(r"(?:input_data\.)?parameters\.(\w+)"), r"\1", None),
     (re.compile(r"input_data\.data\[0\]\.(\w+)"), r"\1", None),
     (re.compile(r"input_data\.data\[0\]: "), "", None),
+    (re.compile(r"\bnum_inference_steps\b"), "steps", None),
+    (re.compile(r"\bmask_image\b"), "mask", None),
 )
 
 
@@ -100,6 +114,18 @@ class GenerationsRequest(BaseModel):
     style: str | None = Field(None, description="Ignored.")
     moderation: str | None = Field(None, description="Ignored (content screening is the server's setting).")
     user: str | None = Field(None, description="Ignored.")
+
+
+class EditsRequest(GenerationsRequest):
+    """``POST /v1/images/edits`` (multipart): the text fields; ``image`` and ``mask`` are file parts."""
+
+    strength: float | None = Field(None, description="How far from the input image, 0..1 (0.8).")
+
+
+# Multipart fields arrive as text; these are read as numbers (anything else is left to the model's types).
+_INT_FIELDS = frozenset({"n", "seed", "steps"})
+_FLOAT_FIELDS = frozenset({"guidance_scale", "strength"})
+_FILE_FIELDS = {"image": "image", "image[]": "image", "mask": "mask"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,24 +175,24 @@ router = APIRouter(route_class=_OpenAIRoute)
 # Translation
 
 
-def _validate(payload: Any) -> GenerationsRequest:
+def _validate(payload: Any, model: type[GenerationsRequest] = GenerationsRequest) -> GenerationsRequest:
     if not isinstance(payload, dict):
         raise OpenAIError("The request body must be a JSON object with a 'prompt'.")
     try:
-        return GenerationsRequest.model_validate(payload)
+        return model.model_validate(payload)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else None
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(GenerationsRequest.model_fields)
+            allowed = ", ".join(model.model_fields)
             raise OpenAIError(f"Unknown field '{field}'; allowed: {allowed}.", param=field) from None
         if err["type"] == "missing":
             raise OpenAIError(f"{field}: is required.", param=field) from None
         raise OpenAIError(f"{field}: {err['msg']}.", param=field) from None
 
 
-def to_contract(req: GenerationsRequest) -> dict[str, Any]:
-    """The contract request for an OpenAI generations request: one row, ``n`` images."""
+def to_contract(req: GenerationsRequest, image: bytes | None = None, mask: bytes | None = None) -> dict[str, Any]:
+    """The contract request for an OpenAI request: one row, ``n`` images (with the edit's image and mask)."""
     if req.response_format == "url":
         raise OpenAIError(
             'response_format "url" is not supported: this server does not keep generated images. Use '
@@ -189,9 +215,15 @@ def to_contract(req: GenerationsRequest) -> dict[str, Any]:
         "seed": req.seed,
         "scheduler": req.scheduler,
         "output_format": req.output_format,
+        "strength": req.strength if isinstance(req, EditsRequest) else None,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
-    return {"input_data": {"columns": ["prompt"], "data": [{"prompt": req.prompt}], "index": [0]}, "parameters": params}
+    row: dict[str, Any] = {"prompt": req.prompt}
+    if image is not None:
+        row["image"] = base64.b64encode(image).decode("ascii")
+    if mask is not None:
+        row["mask_image"] = base64.b64encode(mask).decode("ascii")
+    return {"input_data": {"columns": list(row), "data": [row], "index": [0]}, "parameters": params}
 
 
 def from_contract_error(exc: InvalidRequest) -> OpenAIError:
@@ -243,6 +275,70 @@ def to_images_response(records: list[dict[str, Any]], output_format: str, size: 
     return body
 
 
+async def read_form(headers: Any, raw: bytes) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The multipart body (already read within the size limit) as text fields and file parts."""
+    media_type = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Content-Type must be multipart/form-data with the image as a file part (got {media_type or 'none'!r})."
+        )
+
+    async def once() -> Any:
+        yield raw
+
+    try:
+        form = await MultiPartParser(headers, once(), max_files=4, max_fields=64).parse()
+    except MultiPartException as exc:
+        raise OpenAIError(f"The multipart body could not be read: {exc.message}.") from None
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for key, value in form.multi_items():
+        name = _FILE_FIELDS.get(key, key)
+        if name in fields or name in files:
+            raise OpenAIError(f"{name}: given more than once; this server edits one image per request.", param=name)
+        if isinstance(value, UploadFile):
+            if key not in _FILE_FIELDS:
+                raise OpenAIError(f"{key}: a file was sent where text was expected.", param=key)
+            files[name] = await value.read()
+        elif name in ("image", "mask"):
+            raise OpenAIError(f"{name}: must be a file part (an uploaded image), not text.", param=name)
+        else:
+            fields[name] = value
+    if "image" not in files:
+        raise OpenAIError("image: is required (a PNG, JPEG or WebP file part).", param="image")
+    return fields, files
+
+
+def typed_fields(fields: dict[str, str]) -> dict[str, Any]:
+    """Multipart text to the JSON types the request model checks (numbers for the numeric fields)."""
+    out: dict[str, Any] = dict(fields)
+    for name, text in fields.items():
+        kind = int if name in _INT_FIELDS else float if name in _FLOAT_FIELDS else None
+        if kind is None:
+            continue
+        try:
+            out[name] = kind(text.strip())
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise OpenAIError(f"{name}: must be {expected} (got {text[:40]!r}).", param=name) from None
+    return out
+
+
+def openai_mask(data: bytes, limits: images_in.ImageLimits) -> bytes:
+    """OpenAI's mask (transparent = repaint) as the contract's (white = repaint); other masks pass unchanged."""
+    try:
+        image = images_in.open_image(data, limits)  # format and pixel count checked before decoding
+    except images_in.ImageInputError as exc:
+        raise OpenAIError(f"mask: {exc}.", param="mask") from None
+    if image.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in image.info:
+        return data
+    alpha = image.convert("RGBA").getchannel("A")
+    low, _ = alpha.getextrema()
+    if low == 255:  # fully opaque: no transparency marks anything; read it as the contract's convention
+        return data
+    return encode_image(alpha.point(lambda a: 255 - a), "png")
+
+
 # ------------------------------------------------------------------------------------------------
 # Routes
 
@@ -265,7 +361,53 @@ async def generations(request: Request) -> Response:
     check_content_type(request.headers.get("content-type"))
     raw = await read_body(request, state.settings.max_body_bytes)
     req = _validate(decode_body(raw))
-    contract = to_contract(req)
+    return await _run(request, req, to_contract(req))
+
+
+_EDITS_SCHEMA = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The image to edit (PNG, JPEG or WebP)."},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "Transparent (alpha 0) where to repaint, as OpenAI's; without transparency, white = "
+            "repaint. Same size as the image. Without a mask: image-to-image.",
+        },
+        **{
+            name: schema
+            for name, schema in EditsRequest.model_json_schema()["properties"].items()
+            if name not in ("image", "mask")
+        },
+    },
+}
+
+
+@router.post(
+    EDITS_PATH,
+    summary="Edit an image: image-to-image, or inpainting with a mask (OpenAI-compatible)",
+    operation_id="OpenAIImagesEdits",
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": _EDITS_SCHEMA}}},
+        "security": [{"Bearer": []}],
+    },
+)
+async def edits(request: Request) -> Response:
+    state = request.app.state.sd
+    state.keys.check(request.headers.get("authorization"))
+    raw = await read_body(request, state.settings.max_body_bytes)
+    fields, files = await read_form(request.headers, raw)
+    req = _validate(typed_fields(fields), EditsRequest)
+    mask = files.get("mask")
+    if mask is not None:
+        limits = images_in.ImageLimits(state.settings.max_image_bytes, state.settings.max_input_pixels)
+        mask = openai_mask(mask, limits)
+    return await _run(request, req, to_contract(req, files["image"], mask))
+
+
+async def _run(request: Request, req: GenerationsRequest, contract: dict[str, Any]) -> Response:
+    """The contract request through /score's own entry; the records back as OpenAI's response."""
     try:
         result = await run_score(request, contract)
     except InvalidRequest as exc:
@@ -313,5 +455,7 @@ async def not_served(request: Request) -> Response:
             headers={"Allow": ", ".join(allowed)},
         )
     else:
-        exc = _NotFound(f"{request.url.path} is not served here; the images API is POST {GENERATIONS_PATH}.")
+        exc = _NotFound(
+            f"{request.url.path} is not served here; the images API is POST {GENERATIONS_PATH} and POST {EDITS_PATH}."
+        )
     return _openai_response(request, exc)
