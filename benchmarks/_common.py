@@ -1,4 +1,4 @@
-"""Helpers shared by cpu_generation.py, cold_start.py and gpu.py: the machine, the full-size model, tables."""
+"""Helpers shared by the benchmarks: the machine, the full-size model, tables."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "src") not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(ROOT / "src"))
+# Run from a checkout without installing the package; the root makes tests.support (ports, servers) importable.
+for _path in (ROOT, ROOT / "src"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sd-endpoint"
 

@@ -29,7 +29,7 @@ KEY = "bench-key"
 
 
 def serve_emulator(queue: Any, stop: Any) -> None:
-    from sd_endpoint.safety.emulator import AacsEmulator
+    from aacs_emulator import AacsEmulator
 
     with AacsEmulator(key=KEY) as emu:  # the built-in policy; benchmark prompts are all safe
         queue.put(emu.url)

@@ -30,11 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -43,8 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import machine
+
+from tests.support.servers import LiveServer, model_env
+
 CONCURRENCY = (1, 2, 4, 8)
-SD_ENDPOINT = Path(sys.executable).with_name("sd-endpoint")
 
 
 @dataclass
@@ -93,33 +93,6 @@ def body(run: ModelRun, seed: int) -> dict[str, Any]:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -155,72 +128,32 @@ class InProcess:
         gc.collect()
 
 
-class Server:
-    def __init__(self, run: ModelRun, cache_dir: Path, batch_size: int, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "SD_ENDPOINT_MODEL": str(run.path),
-            "SD_ENDPOINT_DEVICE": "cpu",
-            "SD_ENDPOINT_DTYPE": run.dtype,
-            "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
-            "SD_ENDPOINT_MAX_CONCURRENT_REQUESTS": "8",
-            "SD_ENDPOINT_MAX_QUEUED_REQUESTS": "8",
-            "SD_ENDPOINT_MAX_QUEUE_WAIT_MS": "600000",
-            "SD_ENDPOINT_REQUEST_TIMEOUT_MS": "3600000",
-            "SD_ENDPOINT_MAX_BATCH_SIZE": str(batch_size),
-            "SD_ENDPOINT_BATCH_WAIT_MS": "10",
-            "SD_ENDPOINT_LOG_LEVEL": "WARNING",
-            "SD_ENDPOINT_DEFAULT_HEIGHT": str(run.size),
-            "SD_ENDPOINT_DEFAULT_WIDTH": str(run.size),
-        }
-        self._log = log.open("wb")
-        cmd = [str(SD_ENDPOINT), "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 900) -> None:
-        import httpx
-
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self._log.name}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server not ready in time")
-
-    def batch_stats(self) -> tuple[float, float]:
-        import httpx
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
-        total = count = 0.0
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                if s.name == "sd_batch_size_images_sum":
-                    total = s.value
-                elif s.name == "sd_batch_size_images_count":
-                    count = s.value
-        return total, count
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-        self._log.close()
+def start_server(run: ModelRun, cache_dir: Path, batch_size: int, log: Path) -> LiveServer:
+    """``sd-endpoint serve`` on this model with wide admission limits; started, not yet waited for."""
+    env = model_env(
+        run.path,
+        cache_dir,
+        dtype=run.dtype,
+        max_concurrent_requests=8,
+        max_queued_requests=8,
+        max_queue_wait_ms=600000,
+        request_timeout_ms=3600000,
+        max_batch_size=batch_size,
+        batch_wait_ms=10,
+        log_level="WARNING",
+        default_height=run.size,
+        default_width=run.size,
+    )
+    return LiveServer(env, log).start(wait_ready=False)
 
 
-def run_cell(server: Server, run: ModelRun, cell: Cell, budget_s: float, seed_base: int, requests: int) -> None:
+def batch_stats(server: LiveServer) -> tuple[float, float]:
+    """(images generated, pipeline calls) so far, from the server's batch-size histogram."""
+    metrics = server.metrics()
+    return metrics.get("sd_batch_size_images_sum", 0.0), metrics.get("sd_batch_size_images_count", 0.0)
+
+
+def run_cell(server: LiveServer, run: ModelRun, cell: Cell, budget_s: float, seed_base: int, requests: int) -> None:
     import httpx
 
     total = max(requests, cell.concurrency)
@@ -248,7 +181,7 @@ def run_cell(server: Server, run: ModelRun, cell: Cell, budget_s: float, seed_ba
                     else:
                         cell.errors += 1
 
-    images_before, calls_before = server.batch_stats()
+    images_before, calls_before = batch_stats(server)
     threads = [threading.Thread(target=client) for _ in range(cell.concurrency)]
     started = time.perf_counter()
     for t in threads:
@@ -256,7 +189,7 @@ def run_cell(server: Server, run: ModelRun, cell: Cell, budget_s: float, seed_ba
     for t in threads:
         t.join()
     cell.wall_s += time.perf_counter() - started
-    images_after, calls_after = server.batch_stats()
+    images_after, calls_after = batch_stats(server)
     cell.images += images_after - images_before
     cell.calls += calls_after - calls_before
 
@@ -273,7 +206,7 @@ MODES = {"off": 1, "on": 8}  # batching mode -> SD_ENDPOINT_MAX_BATCH_SIZE
 
 
 def run_cells(
-    servers: dict[str, Server], run: ModelRun, by_key: dict[tuple[str, int], Cell], budget_s: float, rounds: int
+    servers: dict[str, LiveServer], run: ModelRun, by_key: dict[tuple[str, int], Cell], budget_s: float, rounds: int
 ) -> None:
     """Every cell of these servers, in rounds; within a round the modes alternate per concurrency."""
     for server_mode, server in servers.items():
@@ -305,9 +238,9 @@ def bench_model(
     inproc: list[float] = []
     if one_copy:
         for batching, batch_size in MODES.items():
-            server = Server(run, cache_dir, batch_size, work / f"{run.name}-batching-{batching}.log")
+            server = start_server(run, cache_dir, batch_size, work / f"{run.name}-batching-{batching}.log")
             try:
-                server.wait_ready()
+                server.wait_ready(900)
                 run_cells({batching: server}, run, by_key, budget_s, rounds)
             finally:
                 server.stop()
@@ -323,10 +256,10 @@ def bench_model(
             local.close()
         http_c1.overhead_http = list(http_c1.latencies)
     else:
-        servers = {b: Server(run, cache_dir, n, work / f"{run.name}-batching-{b}.log") for b, n in MODES.items()}
+        servers = {b: start_server(run, cache_dir, n, work / f"{run.name}-batching-{b}.log") for b, n in MODES.items()}
         try:
             for server in servers.values():
-                server.wait_ready()
+                server.wait_ready(900)
             run_cells(servers, run, by_key, budget_s, rounds)
             # Overhead: one in-process request, then one HTTP request (batching on), in turn.
             servers.pop("off").stop()  # at most two copies of the model in memory at a time
@@ -357,7 +290,7 @@ def print_report(info: dict[str, Any], results: list[tuple[ModelRun, list[Cell],
     print("\n## Serving benchmark")
     print(
         f"machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']} ({info['torch_threads']} threads); "
-        f"python {info['python']}; load average at start {info['load_avg']}"
+        f"python {info['python']}; load average at start {info['load_avg_1m']}"
     )
     header = ("model", "size/steps", "batching", "conc", "ok", "req/s", "p50 ms", "p99 ms", "img/call", "on/off")
     print("\n| " + " | ".join(header) + " |")

@@ -7,21 +7,22 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 # A real headless browser for the playground test (tests/server/test_playground_browser.py): Debian's chromium
-# and its matching driver. Checked before the quick exit below, and skipped when both are installed.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+# and its matching driver, and curl (the test runs the command the page shows). Checked before the quick exit
+# below, and skipped when all three are installed.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v curl >/dev/null; then
   if command -v apt-get >/dev/null; then
-    echo "setup: installing chromium + chromium-driver (apt) ..." >&2
+    echo "setup: installing chromium + chromium-driver + curl (apt) ..." >&2
     as_root=""
     [ "$(id -u)" = 0 ] || as_root="sudo"
     $as_root apt-get update -q >&2
-    DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -q --no-install-recommends chromium chromium-driver >&2
+    DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -q --no-install-recommends chromium chromium-driver curl >&2
   else
     # Without the browser the playground test skips on a workstation and fails in CI.
-    echo "setup: no apt-get here; install Chromium and chromedriver for the playground test" >&2
+    echo "setup: no apt-get here; install Chromium, chromedriver and curl for the playground test" >&2
   fi
 fi
 stamp="$VENV/.sd-endpoint-installed"
-want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml src/aacs_emulator/pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -41,6 +42,8 @@ step 2 "installing torch (CPU build)"
 quiet $pip -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
 step 3 "installing sd-endpoint and its dependencies (diffusers, transformers, fastapi, azure, dev tools)"
 quiet $pip -c constraints.txt -e ".[azureml,dev]"
+# The AACS emulator (tests, notebooks, local screening) is a dev tool with its own distribution and command.
+quiet $pip -c constraints.txt -e src/aacs_emulator
 # open-clip-torch only provides the CLIP BPE vocabulary file; its own deps (torchvision, timm) are not needed.
 step 4 "installing open-clip-torch (its CLIP vocabulary only, no dependencies)"
 quiet $pip -c constraints.txt --no-deps open-clip-torch

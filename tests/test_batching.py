@@ -26,7 +26,7 @@ from sd_endpoint.errors import (
     ServiceUnavailable,
 )
 from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
-from tests.server.helpers import FakeBackend, colour_of
+from tests.support.fakes import FakeBackend, colour_of
 
 SPEC = GenerationSpec(64, 64, 3, 7.5, "ddim", 0.0)
 

@@ -137,6 +137,9 @@ def test_eta_with_ddim() -> None:
         ({"input_data": {"data": [{"prompt": "a", "promt": "b"}]}}, "unknown key(s) 'promt'"),
         ({"input_data": {"data": [["a"]]}}, "needs input_data.columns"),
         ({"input_data": {"data": [1]}}, "input_data.data[0]: must be a string, an object or a list"),
+        ({"input_data": {"data": ["a", None]}}, "input_data.data[1]: must be a string, an object or a list (got null)"),
+        ({"input_data": {"data": ["a"], "index": [True]}}, "input_data.index[0]: must be an integer or a string"),
+        ({"input_data": {"data": ["a"], "index": [1.5]}}, "input_data.index[0]: must be an integer or a string"),
         ({"input_data": {"data": ["  "]}}, "input_data.data[0].prompt: must not be empty"),
         ({"input_data": {"data": [{"prompt": 3}]}}, "input_data.data[0].prompt"),
         ({"input_data": {"data": ["a"]}, "extra": 1}, "unknown field 'extra'; allowed: input_data, parameters"),
@@ -194,6 +197,7 @@ def test_body_size_limit_is_413() -> None:
     with pytest.raises(PayloadTooLarge) as info:
         decode_body(b"x" * 2000, max_bytes=1000)
     assert info.value.status_code == 413
+    assert not isinstance(info.value, InvalidRequest)  # `except InvalidRequest` (bad fields) must not take a 413
     assert "2000 bytes" in info.value.message and "1000" in info.value.message
 
 

@@ -6,11 +6,6 @@ import base64
 import io
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support.servers import ScoreServer
 
 MODEL_CARD_SAMPLE = {
     "input_data": {
@@ -30,63 +25,21 @@ MODEL_CARD_SAMPLE = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except (requests.ConnectionError, requests.Timeout):
-            pass  # the worker is still in init()
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_file = tmp_path_factory.mktemp("azmlinfsrv") / "server.log"
     env = {
-        **os.environ,
         "AZUREML_MODEL_DIR": str(tiny_model_dir.parent),  # found one level down, as on Azure
         "SD_ENDPOINT_DEVICE": "cpu",
         "SD_ENDPOINT_DTYPE": "float32",
         "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
         "SD_ENDPOINT_MAX_IMAGES_PER_REQUEST": "4",
-        "AML_APP_ROOT": str(REPO),
         "WORKER_COUNT": "2",  # as Azure's samples deploy it: two workers, each with its own model
     }
-    env.pop("OMP_NUM_THREADS", None)
-    exe = shutil.which("azmlinfsrv", path=str(Path(sys.executable).parent)) or "azmlinfsrv"
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(
-            [exe, "--entry_script", str(REPO / "score.py"), "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_until_up(f"http://127.0.0.1:{port}/", proc)
-            yield f"http://127.0.0.1:{port}"
-        except BaseException:
-            sys.stderr.write(log_file.read_text(errors="replace")[-5000:])
-            raise
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-    server_log = log_file.read_text(errors="replace")
+    server = ScoreServer(env, tmp_path_factory.mktemp("azmlinfsrv") / "server.log")
+    server.env.pop("OMP_NUM_THREADS", None)  # the share below is ours, not a user's setting
+    with server:
+        yield server.url
+    server_log = server.logs()
     assert "astronaut" not in server_log  # prompts stay out of the logs by default
     # Each worker takes its share of the cores, not every core (OpenMP threads of two workers would fight).
     share = max(1, len(os.sched_getaffinity(0)) // 2)

@@ -29,7 +29,6 @@ _HTTP_TIMEOUT_S = 300.0
 _PLUGGED = (
     "sd_endpoint.server",  # serve
     "sd_endpoint.batch",  # batch
-    "sd_endpoint.safety.emulator",  # aacs-emulator
 )
 
 

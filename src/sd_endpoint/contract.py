@@ -28,15 +28,24 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from sd_endpoint import images_in
 from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
 from sd_endpoint.jobs import (
-    SCHEDULER_NAMES,
     SCHEDULERS_WITH_ETA,
     GenerationSpec,
     ImageTask,
@@ -79,6 +88,36 @@ class Limits:
         return images_in.ImageLimits(self.max_image_bytes, self.max_input_pixels)
 
 
+def _json_kind(value: Any) -> str | None:
+    """The JSON type of a value, as the tag of the union member that takes it (None: no member does)."""
+    if isinstance(value, bool):
+        return None  # strict: true is not 1
+    kinds = ((str, "string"), (dict, "object"), (list, "array"), (int, "integer"))
+    return next((name for cls, name in kinds if isinstance(value, cls)), None)
+
+
+# A row is a prompt string, an object or a list; a row label an integer or a string. Unions tagged with our
+# own names, so that a value no member takes is one error of our own type, whatever pydantic's wording.
+RowValue = Annotated[
+    Annotated[str, Tag("string")] | Annotated[dict[str, Any], Tag("object")] | Annotated[list[Any], Tag("array")],
+    Discriminator(
+        _json_kind, custom_error_type="row_type", custom_error_message="must be a string, an object or a list"
+    ),
+]
+RowLabel = Annotated[
+    Annotated[int, Tag("integer")] | Annotated[str, Tag("string")],
+    Discriminator(_json_kind, custom_error_type="label_type", custom_error_message="must be an integer or a string"),
+]
+
+
+def _text_check(*, allow_empty: bool) -> AfterValidator:
+    return AfterValidator(lambda value, info: _check_text(value, info, allow_empty=allow_empty))
+
+
+PromptText = Annotated[str, _text_check(allow_empty=False)]
+NegativeText = Annotated[str | None, _text_check(allow_empty=True)]
+
+
 class Parameters(BaseModel):
     """Generation parameters, in ``input_data.parameters`` (the model card's form) or at the top level."""
 
@@ -88,7 +127,7 @@ class Parameters(BaseModel):
     guidance_scale: float | None = Field(
         None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance (7.5)."
     )
-    negative_prompt: str | None = Field(None, description="Default negative prompt for rows without one.")
+    negative_prompt: NegativeText = Field(None, description="Default negative prompt for rows without one.")
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Pixels, a multiple of 8.")
     num_images_per_prompt: int = Field(1, ge=1, description="Images per row; seeds are seed, seed+1, ...")
@@ -111,19 +150,14 @@ class Parameters(BaseModel):
             raise ValueError(f"must be a multiple of 8 (got {value})")
         return value
 
-    @field_validator("negative_prompt")
-    @classmethod
-    def _negative_length(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return _check_text(value, info, allow_empty=True)
-
 
 class Row(BaseModel):
     """One input row: a prompt, and optionally its own negative prompt, seed, input image and mask."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str
-    negative_prompt: str | None = None
+    prompt: PromptText
+    negative_prompt: NegativeText = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     image: str | None = Field(None, description="Base64 PNG/JPEG/WebP: image-to-image (or inpainting with a mask).")
     mask_image: str | None = Field(None, description="Base64 mask, same size as image: white = repaint.")
@@ -134,18 +168,6 @@ class Row(BaseModel):
             return "text-to-image"
         return "image-to-image" if self.mask_image is None else "inpainting"
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt_text(cls, value: str, info: ValidationInfo) -> str:
-        checked = _check_text(value, info, allow_empty=False)
-        assert checked is not None
-        return checked
-
-    @field_validator("negative_prompt")
-    @classmethod
-    def _negative_text(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return _check_text(value, info, allow_empty=True)
-
 
 class InputData(BaseModel):
     """pandas "split" orientation, as Azure ML clients send it."""
@@ -153,8 +175,8 @@ class InputData(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     columns: list[str] | None = Field(None, description="Column names; 'prompt' is required.")
-    data: list[str | dict[str, Any] | list[Any]] = Field(description="One entry per row.")
-    index: list[int | str] | None = Field(None, description="Row labels, echoed in each record.")
+    data: list[RowValue] = Field(description="One entry per row.")
+    index: list[RowLabel] | None = Field(None, description="Row labels, echoed in each record.")
     parameters: Parameters | None = None
 
 
@@ -575,32 +597,20 @@ _ALLOWED_BY_PARENT = {
 
 
 def _describe(exc: ValidationError, prefix: str = "") -> str:
-    """Turn pydantic errors into one message that names each field and what it accepts."""
+    """Turn pydantic errors into one message that names each field and what it accepts.
+
+    Built from the errors' structured data: ``loc`` (field names and list positions) and ``type``.
+    """
     parts: list[str] = []
-    seen: set[str] = set()
-    errors = exc.errors()
-    # A value that fits no member of a union gets one error per member; say it once.
-    union_paths = {tuple(e["loc"][:-1]) for e in errors if e["loc"] and e["loc"][-1] in _UNION_TAGS}
-    collapsed: list[dict[str, Any]] = []
-    for raw in errors:
-        loc_t = tuple(raw["loc"])
-        if loc_t[:-1] in union_paths and loc_t and loc_t[-1] in _UNION_TAGS:
-            if loc_t[-1] == _UNION_TAGS[0]:
-                collapsed.append({**raw, "loc": loc_t[:-1], "msg": "must be a string, an object or a list"})
-            continue
-        collapsed.append(dict(raw))
-    for item in collapsed:
-        err = item
-        loc = [str(p) for p in err["loc"]]
-        # Union members add their type name to the location (e.g. data.0.str); drop those.
-        loc = [p for p in loc if p not in _UNION_TAGS and not p.startswith("function-")]
+    for err in exc.errors():
+        loc = err["loc"]
         path = prefix
         for part in loc:
-            path = f"{path}[{part}]" if part.isdigit() else (f"{path}.{part}" if path else part)
+            path = f"{path}[{part}]" if isinstance(part, int) else (f"{path}.{part}" if path else str(part))
         if err["type"] == "extra_forbidden":
-            parent = loc[-2] if len(loc) >= 2 else ""
+            parent = str(loc[-2]) if len(loc) >= 2 else ""
             allowed = _ALLOWED_BY_PARENT.get(parent, list(COLUMNS))
-            msg = f"unknown field {_clipped(loc[-1])!r}; allowed: {', '.join(allowed)}"
+            msg = f"unknown field {_clipped(str(loc[-1]))!r}; allowed: {', '.join(allowed)}"
             path = path.rsplit(".", 1)[0] if "." in path else "body"
         elif err["type"] == "missing":
             msg = "is required"
@@ -609,13 +619,9 @@ def _describe(exc: ValidationError, prefix: str = "") -> str:
             if "(got " not in msg:
                 msg += _shown(err.get("input"))
         line = f"{path}: {msg}"
-        if line not in seen:
-            seen.add(line)
+        if line not in parts:
             parts.append(line)
     return "Invalid request: " + "; ".join(parts[:10]) + "."
-
-
-_UNION_TAGS = ("str", "dict[str,any]", "list[any]", "int")
 
 
 def _clipped(name: str, limit: int = 64) -> str:
@@ -641,7 +647,3 @@ def _json_type(value: Any) -> str:
     return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(
         type(value), "null"
     )
-
-
-def scheduler_names() -> tuple[str, ...]:
-    return SCHEDULER_NAMES

@@ -4,7 +4,7 @@ Each class carries its HTTP status; envelopes render ``{"message": ...}`` with t
 
     EndpointError (500)
     ├── InvalidRequest (400)          bad JSON, wrong types, out-of-range values, unknown fields
-    │   └── PayloadTooLarge (413)     body over SD_ENDPOINT_MAX_BODY_BYTES
+    ├── PayloadTooLarge (413)         body over SD_ENDPOINT_MAX_BODY_BYTES
     ├── UnsupportedMediaType (415)
     ├── Unauthorized (401)
     ├── RequestHeaderTooLarge (431)
@@ -40,7 +40,8 @@ class InvalidRequest(EndpointError):
     status_code = 400
 
 
-class PayloadTooLarge(InvalidRequest):
+class PayloadTooLarge(EndpointError):
+    # Not an InvalidRequest: code that handles a bad field (``except InvalidRequest``) must not take a 413.
     status_code = 413
 
 

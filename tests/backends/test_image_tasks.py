@@ -19,7 +19,7 @@ from sd_endpoint.backends.selection import RoutingBackend
 from sd_endpoint.errors import GenerationCancelled
 from sd_endpoint.jobs import CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.service import GenerationService
-from tests.backends.fakes import FakeDeepSpeed
+from tests.support.fakes import FakeDeepSpeed
 
 
 def picture(width: int = 100, height: int = 72, seed: int = 0) -> Image.Image:

@@ -9,7 +9,7 @@ from sd_endpoint.backends.deepspeed_backend import captured_batch_sizes
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend
 from sd_endpoint.backends.selection import RoutingBackend, split_batch
 from sd_endpoint.jobs import GenerationSpec, ImageTask
-from tests.backends.fakes import FakeDeepSpeed
+from tests.support.fakes import FakeDeepSpeed
 
 SPEC = GenerationSpec(64, 64, 2, 7.5, "ddim", 0.0)
 

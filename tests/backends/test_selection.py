@@ -13,7 +13,7 @@ from sd_endpoint.backends.diffusers_backend import DiffusersBackend
 from sd_endpoint.backends.selection import RoutingBackend, build_backend, deepspeed_blocker, self_check
 from sd_endpoint.errors import ModelLoadError
 from sd_endpoint.settings import Settings, load_settings
-from tests.backends.fakes import FakeDeepSpeed
+from tests.support.fakes import FakeDeepSpeed
 
 SHAPES = "64x64x1,64x64x2"
 

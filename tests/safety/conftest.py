@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from aacs_emulator import AacsEmulator
 from sd_endpoint.safety.aacs import AzureContentSafetyScreener
-from sd_endpoint.safety.emulator import AacsEmulator
 from sd_endpoint.settings import ContentSafetySettings
 
 KEY = "test-key-0123456789"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from typing import Any
 
@@ -11,14 +10,15 @@ import pytest
 from azure.core.credentials import AccessToken
 from azure.core.exceptions import ClientAuthenticationError
 
+from aacs_emulator import AacsEmulator
 from sd_endpoint import metrics
 from sd_endpoint.errors import ConfigError, ScreeningUnavailable
 from sd_endpoint.safety import NullScreener, build_screener
 from sd_endpoint.safety.aacs import AzureContentSafetyScreener
-from sd_endpoint.safety.emulator import AacsEmulator
 from sd_endpoint.safety.preprocess import chunk_text
 from sd_endpoint.settings import ContentSafetySettings, load
 from tests.safety.conftest import KEY, POLICY, ScreenerFactory, png
+from tests.support.net import free_port
 
 
 class FakeTokenCredential:
@@ -32,12 +32,6 @@ class FakeTokenCredential:
         if self.fail:
             raise ClientAuthenticationError("no identity here")
         return AccessToken(self.token, int(time.time()) + 3600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- verdicts ------------------------------------------------------------------------------------

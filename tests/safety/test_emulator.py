@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sd_endpoint.safety.emulator import DEFAULT_POLICY, AacsEmulator, Policy, PolicyError, image_fingerprint
+from aacs_emulator import DEFAULT_POLICY, AacsEmulator, Policy, PolicyError, image_fingerprint
 from tests.safety.conftest import KEY, POLICY, png
 
 TEXT = "/contentsafety/text:analyze?api-version=2023-10-01"
@@ -306,8 +306,7 @@ def test_cli_serves_until_terminated(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "sd_endpoint.cli",
-            "aacs-emulator",
+            "aacs_emulator",
             "--port",
             "0",
             "--key",
@@ -342,7 +341,7 @@ def test_cli_serves_until_terminated(tmp_path: Path) -> None:
 
 def test_cli_prints_the_default_policy_and_rejects_a_bad_one(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "sd_endpoint.cli", "aacs-emulator", "--print-policy"],
+        [sys.executable, "-m", "aacs_emulator", "--print-policy"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -352,9 +351,34 @@ def test_cli_prints_the_default_policy_and_rejects_a_bad_one(tmp_path: Path) -> 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"text": {"terms": [{"term": "a", "category": "Hate", "severity": 9}]}}))
     res = subprocess.run(
-        [sys.executable, "-m", "sd_endpoint.cli", "aacs-emulator", "--port", "0", "--policy", str(bad)],
+        [sys.executable, "-m", "aacs_emulator", "--port", "0", "--policy", str(bad)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert res.returncode == 2 and "text.terms[0].severity" in res.stderr
+
+
+def test_the_emulator_states_the_services_limits_as_the_screener_does() -> None:
+    # Written twice on purpose (aacs_emulator.limits says why); this is where a difference shows.
+    from aacs_emulator import limits
+    from sd_endpoint.safety import preprocess
+
+    for name in (
+        "API_VERSION",
+        "CATEGORIES",
+        "OUTPUT_TYPES",
+        "MAX_TEXT_CHARS",
+        "MAX_IMAGE_BYTES",
+        "MAX_IMAGE_SIDE",
+        "MIN_IMAGE_SIDE",
+    ):
+        assert getattr(limits, name) == getattr(preprocess, name), name
+
+
+def test_it_is_not_an_sd_endpoint_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from sd_endpoint.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["aacs-emulator", "--print-policy"])
+    assert exc.value.code == 2 and "invalid choice: 'aacs-emulator'" in capsys.readouterr().err

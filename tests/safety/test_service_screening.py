@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aacs_emulator import AacsEmulator, Policy
 from sd_endpoint import metrics
 from sd_endpoint.errors import ScreeningUnavailable
 from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
-from sd_endpoint.safety.emulator import AacsEmulator, Policy
 from sd_endpoint.service import SAFETY_HEADER, GenerationService, ScoreResult
 from tests.conftest import small_request
 from tests.safety.conftest import ScreenerFactory
-from tests.safety.test_aacs import free_port
+from tests.support.net import free_port
 
 SAFE = ["a red fox in the snow", "a blue whale", "a green forest"]
 UNSAFE = "a hexathorn at night"  # Hate 4 in the test policy

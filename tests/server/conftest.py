@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from sd_endpoint.server import create_app
 from sd_endpoint.service import GenerationService
 from sd_endpoint.settings import Settings, load_settings
-from tests.server.helpers import FakeBackend
+from tests.support.fakes import FakeBackend
 
 KEYS = ("primary-key-0123456789", "secondary-key-9876543210")
 

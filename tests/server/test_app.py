@@ -23,7 +23,8 @@ from sd_endpoint.server.app import is_loopback, run_server
 from sd_endpoint.service import GenerationService
 from tests.conftest import small_request
 from tests.server.conftest import KEYS, fake_app, fake_settings, running, wait_ready
-from tests.server.helpers import BAD_INPUTS, FakeBackend, colour_of, decode_image
+from tests.server.helpers import BAD_INPUTS, decode_image
+from tests.support.fakes import FakeBackend, colour_of
 
 NOT_FOUND = (
     "The requested URL was not found on the server. If you entered the URL manually please check your "

@@ -19,7 +19,7 @@ from sd_endpoint.safety.base import Verdict
 from sd_endpoint.server import create_app
 from sd_endpoint.service import GenerationService
 from tests.server.conftest import KEYS, fake_app, fake_settings, wait_ready
-from tests.server.helpers import FakeBackend
+from tests.support.fakes import FakeBackend
 
 
 def raw(body: str) -> bytes:

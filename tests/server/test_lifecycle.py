@@ -17,7 +17,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.server.helpers import SD_ENDPOINT, LiveServer, decode_image, free_port, model_env
+from tests.server.helpers import decode_image
+from tests.support.net import free_port
+from tests.support.servers import SD_ENDPOINT, LiveServer, model_env
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.server.helpers import BAD_INPUTS, LiveServer, decode_image, model_env
+from tests.server.helpers import BAD_INPUTS, decode_image
+from tests.support.servers import LiveServer, model_env
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from sd_endpoint.server import create_app
 from sd_endpoint.service import GenerationService
 from tests.conftest import small_request
 from tests.server.conftest import KEYS, fake_app, fake_settings, running, wait_ready
-from tests.server.helpers import FakeBackend, colour_of
+from tests.support.fakes import FakeBackend, colour_of
 
 URL = "/v1/images/generations"
 
@@ -467,3 +467,20 @@ def test_a_decompression_bomb_mask_is_refused_before_decoding() -> None:
         assert resp.status_code == 400
         error = error_of(resp)
         assert error["param"] == "mask" and "SD_ENDPOINT_MAX_INPUT_PIXELS" in error["message"]
+
+
+def test_the_api_documents_describe_both_routes(client: TestClient) -> None:
+    v31 = client.get("/openapi.json").json()["paths"]
+    assert "application/json" in v31[URL]["post"]["requestBody"]["content"]
+    form = v31[EDITS]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image", "prompt"] and form["properties"]["image"]["format"] == "binary"
+    # Swagger 2 (azmlinfsrv's /swagger.json) has no multipart body: one formData parameter per part.
+    v2 = client.get("/swagger.json").json()["paths"][EDITS]["post"]
+    assert v2["consumes"] == ["multipart/form-data"]
+    params = {p["name"]: p for p in v2["parameters"]}
+    assert all(p["in"] == "formData" for p in params.values())
+    assert (params["image"]["type"], params["image"]["required"]) == ("file", True)
+    assert params["mask"]["type"] == "file" and params["mask"]["required"] is False
+    assert params["n"]["type"] == "integer" and params["strength"]["type"] == "number"
+    assert params["scheduler"]["enum"][0] == "ddim"
+    assert "/playground" in v31 and "/v1/{rest}" not in v31

@@ -17,7 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.server.helpers import LiveServer, model_env
+from tests.support.servers import LiveServer, model_env
 
 pytestmark = pytest.mark.slow
 

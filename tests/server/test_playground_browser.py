@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_endpoint.safety.emulator import AacsEmulator
-from tests.server.helpers import LiveServer, model_env
+from aacs_emulator import AacsEmulator
+from tests.support.servers import LiveServer, model_env
 
 pytestmark = pytest.mark.slow
 
@@ -34,6 +35,7 @@ POLICY: dict[str, Any] = {
     "blocklists": {},
     "image": {"rules": []},
 }
+PROMPT = "a lighthouse at dawn, in Monet's style"  # a single quote: the shown curl must quote it
 WAIT_S = 240  # a generation on a loaded 2-core machine; the steps are few and the images tiny
 
 
@@ -43,7 +45,7 @@ def _in_ci() -> bool:
 
 def _browser_or_fail() -> tuple[str, str]:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
+    driver = shutil.which("chromedriver") if shutil.which("curl") else None  # curl runs the page's command
     try:
         import selenium  # noqa: F401
     except ImportError:
@@ -51,8 +53,8 @@ def _browser_or_fail() -> tuple[str, str]:
     if chromium and driver:
         return chromium, driver
     message = (
-        "the playground test needs Chromium, chromedriver and selenium: run scripts/setup.sh (it installs "
-        "Debian's chromium and chromium-driver, and the [dev] extra)"
+        "the playground test needs Chromium, chromedriver, curl and selenium: run scripts/setup.sh (it installs "
+        "Debian's chromium, chromium-driver and curl, and the [dev] extra)"
     )
     if _in_ci():
         pytest.fail(message)
@@ -129,7 +131,7 @@ def test_generate_show_images_seeds_blocks_and_errors(browser: Any, server: Live
     assert browser.find_element("id", "image-note").is_displayed() is (not image_tasks)
 
     # A key is needed: without it the server's 401 message is shown.
-    fill(browser, "prompt", "a lighthouse at dawn")
+    fill(browser, "prompt", PROMPT)
     for field, value in (("steps", 2), ("width", 64), ("height", 64), ("seed", 123), ("count", 2)):
         fill(browser, field, value)
     generate(browser)
@@ -161,9 +163,7 @@ def test_generate_show_images_seeds_blocks_and_errors(browser: Any, server: Live
 
     # The request shown is the contract's own JSON, and pasting it reproduces the image.
     body = curl_body(browser)
-    assert body["input_data"]["columns"] == ["prompt"] and body["input_data"]["data"] == [
-        {"prompt": "a lighthouse at dawn"}
-    ]
+    assert body["input_data"]["columns"] == ["prompt"] and body["input_data"]["data"] == [{"prompt": PROMPT}]
     assert body["parameters"] == {
         "num_inference_steps": 2,
         "guidance_scale": 7.5,
@@ -175,8 +175,18 @@ def test_generate_show_images_seeds_blocks_and_errors(browser: Any, server: Live
     }
     assert "Authorization: Bearer $SD_ENDPOINT_KEY" in browser.find_element("id", "curl").text
     assert KEY not in browser.find_element("id", "curl").text
-    again = httpx.post(f"{server.url}/score", json=body, headers=server.headers(), timeout=WAIT_S)
-    assert again.status_code == 200 and again.json()[0]["generated_image"] == src.split(",", 1)[1]
+    # Pasted into a shell as it is (the quote in the prompt included), it gives the same image.
+    curl = browser.find_element("id", "curl").text
+    run = subprocess.run(
+        ["bash", "-c", curl],
+        env={**os.environ, "SD_ENDPOINT_KEY": KEY},
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)[0]["generated_image"] == src.split(",", 1)[1]
 
     # A blocked row is shown with its reason.
     fill(browser, "prompt", "a crashmaul in the harbour")

@@ -18,7 +18,6 @@ message naming the variables instead of failing every request later.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import threading
 import time
@@ -48,6 +47,7 @@ from urllib3.util.retry import Retry
 
 from sd_endpoint import metrics
 from sd_endpoint.errors import ConfigError, ScreeningUnavailable
+from sd_endpoint.net import is_loopback_url
 from sd_endpoint.safety.base import Stage, Verdict
 from sd_endpoint.safety.preprocess import CATEGORIES, OUTPUT_TYPES, chunk_text, prepare_image
 from sd_endpoint.settings import ContentSafetySettings
@@ -95,16 +95,6 @@ def _endpoint_setting(value: str) -> str:
     except ValueError as exc:
         shown = "" if "@" in value else f" (got {value!r})"
         raise ConfigError(f"CONTENT_SAFETY_ENDPOINT: {exc}{shown}") from None
-
-
-def _is_loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def resolve_credential(
@@ -198,7 +188,7 @@ class AzureContentSafetyScreener:
         # deployer's choice, but plain http off this machine is worth a warning.
         self._call_kwargs: dict[str, Any] = {}
         if self.endpoint.startswith("http://"):
-            if not _is_loopback(self.endpoint):
+            if not is_loopback_url(self.endpoint):
                 if not self.uses_key:
                     raise ConfigError(
                         "CONTENT_SAFETY_ENDPOINT: Entra ID tokens are only sent over https (got an http:// URL "

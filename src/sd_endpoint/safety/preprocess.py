@@ -1,7 +1,8 @@
 """What Azure AI Content Safety (API 2023-10-01) accepts, and how we fit text and images into it.
 
-Shared by the screener (which must never send something the service refuses) and the emulator (which
-refuses what the service refuses). PIL is imported lazily so the CLI stays fast.
+The screener must never send something the service refuses. The AACS emulator (``aacs_emulator.limits``)
+states the same limits on its own, as the service's stand-in; a test checks that the two agree. PIL is
+imported lazily so the CLI stays fast.
 """
 
 from __future__ import annotations

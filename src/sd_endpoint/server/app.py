@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import os
@@ -34,6 +33,7 @@ from starlette.routing import Match
 from sd_endpoint import metrics
 from sd_endpoint.batching import AdmissionControl, MicroBatcher
 from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError, ServiceUnavailable
+from sd_endpoint.net import is_loopback
 from sd_endpoint.server import openai_images, openapi, playground
 from sd_endpoint.server.auth import KeyCheck
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
@@ -290,15 +290,6 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 # ------------------------------------------------------------------------------------------------
 # Running
-
-
-def is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: assume it is reachable from elsewhere
 
 
 def run_server(settings: Settings) -> int:

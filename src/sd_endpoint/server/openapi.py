@@ -155,6 +155,23 @@ def _to_openapi_30(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _form_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
+    required = set(schema.get("required", []))
+    params = []
+    for name, prop in schema.get("properties", {}).items():
+        param: dict[str, Any] = {"name": name, "in": "formData", "required": name in required}
+        if prop.get("description"):
+            param["description"] = prop["description"]
+        if prop.get("format") == "binary":
+            param["type"] = "file"
+        else:
+            converted = _schema(prop, "2")
+            param.update({k: v for k, v in converted.items() if k in ("type", "format", "enum", "default")})
+            param.setdefault("type", "string")
+        params.append(param)
+    return params
+
+
 def _to_swagger_2(doc: dict[str, Any]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for path, item in doc.get("paths", {}).items():
@@ -173,7 +190,11 @@ def _to_swagger_2(doc: dict[str, Any]) -> dict[str, Any]:
                 p.update({k: v for k, v in _schema(param.get("schema", {}), "2").items() if k != "title"})
                 params.append(p)
             body = op.get("requestBody")
-            if body:
+            if body and list(body.get("content", {})) == ["multipart/form-data"]:
+                # Swagger 2 has no multipart body schema: each part is a formData parameter (a file or a value).
+                params += _form_parameters(body["content"]["multipart/form-data"].get("schema", {}))
+                new_op["consumes"] = ["multipart/form-data"]
+            elif body:
                 content = body.get("content", {})
                 media: dict[str, Any] = content.get("application/json") or next(iter(content.values()), {})
                 params.append(

@@ -1,0 +1,7 @@
+"""``python -m aacs_emulator``: the same as the ``aacs-emulator`` command."""
+
+import sys
+
+from aacs_emulator.cli import main
+
+sys.exit(main())
