@@ -86,7 +86,12 @@ def full_size_model(path: Path | None, cache_dir: Path = DEFAULT_CACHE) -> Path:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*.safetensors") if p.is_file())
+    """The weight files the loader reads from this diffusers folder (the package's own finder)."""
+    from sd_endpoint.model.weights import COMPONENTS, choose_variant
+    from sd_endpoint.model.weights import weight_files as component_files
+
+    variant = choose_variant(folder)
+    return [f for c in COMPONENTS for f in component_files(folder / c, variant)]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -184,7 +184,7 @@ def main() -> int:
 
     folder = full_size_model(args.model, args.cache_dir)
     if args.dtype == "auto":  # what the service picks on this machine, for both loaders
-        from sd_endpoint.model.loader import choose_placement
+        from sd_endpoint.model.placement import choose_placement
         from sd_endpoint.settings import load_settings
 
         args.dtype = choose_placement(load_settings(device=args.device)).dtype_name

@@ -144,7 +144,9 @@ def main() -> int:
 
     from sd_endpoint.backends import create_backend
     from sd_endpoint.backends.diffusers_backend import DiffusersBackend
-    from sd_endpoint.model.loader import ModelSource, Placement, load_pipeline
+    from sd_endpoint.model.discovery import ModelSource
+    from sd_endpoint.model.loading import load_pipeline
+    from sd_endpoint.model.placement import Placement
     from sd_endpoint.settings import load_settings
 
     folder = full_size_model(args.model, args.cache_dir)

@@ -85,7 +85,9 @@ def sync(device: str) -> None:
 
 
 def load(folder: Path, device: str, dtype: str, cache_dir: Path) -> Any:
-    from sd_endpoint.model.loader import ModelSource, Placement, load_pipeline
+    from sd_endpoint.model.discovery import ModelSource
+    from sd_endpoint.model.loading import load_pipeline
+    from sd_endpoint.model.placement import Placement
 
     return load_pipeline(ModelSource("diffusers", str(folder), "bench"), Placement(device, dtype, "bench"), cache_dir)
 

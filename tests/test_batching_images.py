@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 from PIL import Image
 
-from sd_endpoint.batching import MicroBatcher
 from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
+from sd_endpoint.server.microbatch import MicroBatcher, Outcome
 
 
 class GatedBackend:
@@ -36,33 +37,31 @@ def test_only_jobs_of_one_task_and_strength_merge() -> None:
     inpaint = GenerationSpec(64, 64, 4, 7.5, "ddim", 0.0, "inpainting", 0.5)
     picture, mask = Image.new("RGB", (64, 64), "red"), Image.new("L", (64, 64), 255)
     fake = GatedBackend()
-    batcher = MicroBatcher(fake.generate, max_batch_size=8, batch_wait_s=0.0).start()
-    results: dict[str, BatchResult] = {}
+    results: dict[str, Outcome] = {}
 
-    def submit(name: str, spec: GenerationSpec, seed: int) -> threading.Thread:
-        task = ImageTask(name, None, seed, None if spec.task == "text-to-image" else picture,
-                         mask if spec.task == "inpainting" else None)  # fmt: skip
-        thread = threading.Thread(target=lambda: results.update({name: batcher.generate(spec, [task])}))
-        thread.start()
-        return thread
+    async def scenario() -> None:
+        batcher = MicroBatcher(fake.generate, max_batch_size=8, batch_wait_s=0.0).start()
 
-    try:
-        threads = [submit("hold", text, 0)]
-        assert fake.entered.wait(60)
-        jobs = [("t1", text), ("i1", i2i), ("p1", inpaint), ("i2", i2i), ("s1", i2i_other_strength), ("t2", text)]
-        threads += [submit(name, spec, n) for n, (name, spec) in enumerate(jobs, 1)]
-        deadline = threading.Event()
-        for _ in range(600):
-            if batcher.queued == len(jobs):
-                break
-            deadline.wait(0.05)
-        assert batcher.queued == len(jobs)
-        fake.gate.set()
-        for thread in threads:
-            thread.join(60)
-    finally:
-        fake.gate.set()
-        batcher.close()
+        async def submit(name: str, spec: GenerationSpec, seed: int) -> None:
+            task = ImageTask(name, None, seed, None if spec.task == "text-to-image" else picture,
+                             mask if spec.task == "inpainting" else None)  # fmt: skip
+            results[name] = await batcher.submit(spec, [task], CancelToken()).result
+
+        try:
+            waits = [asyncio.ensure_future(submit("hold", text, 0))]
+            while not fake.entered.is_set():
+                await asyncio.sleep(0.01)
+            jobs = [("t1", text), ("i1", i2i), ("p1", inpaint), ("i2", i2i), ("s1", i2i_other_strength), ("t2", text)]
+            waits += [asyncio.ensure_future(submit(name, spec, n)) for n, (name, spec) in enumerate(jobs, 1)]
+            await asyncio.sleep(0)  # every job is submitted (queued behind the held call)
+            assert batcher.queued == len(jobs)
+            fake.gate.set()
+            await asyncio.wait_for(asyncio.gather(*waits), 60)
+        finally:
+            fake.gate.set()
+            await asyncio.to_thread(batcher.close)
+
+    asyncio.run(scenario())
     merged = [sorted(t.prompt for t in tasks) for _, tasks in fake.calls]
     assert merged == [["hold"], ["t1", "t2"], ["i1", "i2"], ["p1"], ["s1"]]
     for spec, tasks in fake.calls:

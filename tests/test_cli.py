@@ -149,7 +149,7 @@ def test_local_commands_have_no_deadline_unless_asked(
 def test_demo_model_command_writes_a_loadable_model(
     tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sd_endpoint.model.loader import check_diffusers_folder
+    from sd_endpoint.model.checks import check_diffusers_folder
 
     monkeypatch.setenv("SD_ENDPOINT_CACHE_DIR", str(cache_dir))
     assert main(["demo-model", str(tmp_path / "demo")]) == 0

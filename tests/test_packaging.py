@@ -49,6 +49,7 @@ def test_the_product_wheel_has_no_emulator_and_no_test_code(tmp_path: Path) -> N
     assert [n for n in names if "emulator" in n] == []
     assert [n for n in names if "/test_" in n or n.endswith("conftest.py") or "/tests/" in n] == []
     assert "sd_endpoint/model/sd21_config/unet/config.json" in names  # package data still ships
+    assert "sd_endpoint/server/static/playground.html" in names  # GET /playground serves it from the package
     assert "aacs" not in member(names, "entry_points.txt")
 
 

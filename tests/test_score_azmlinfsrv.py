@@ -34,6 +34,8 @@ def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.T
         "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
         "SD_ENDPOINT_MAX_IMAGES_PER_REQUEST": "4",
         "WORKER_COUNT": "2",  # as Azure's samples deploy it: two workers, each with its own model
+        # 768x768 x 50 steps took over 85 s on a loaded machine: no test here is about timeouts.
+        "SD_ENDPOINT_REQUEST_TIMEOUT_MS": "600000",
     }
     server = ScoreServer(env, tmp_path_factory.mktemp("azmlinfsrv") / "server.log")
     server.env.pop("OMP_NUM_THREADS", None)  # the share below is ours, not a user's setting
@@ -59,7 +61,7 @@ def test_liveness(azmlinfsrv: str) -> None:
 
 
 def test_model_card_sample(azmlinfsrv: str) -> None:
-    r = requests.post(f"{azmlinfsrv}/score", json=MODEL_CARD_SAMPLE, headers={"x-request-id": "req-123"}, timeout=120)
+    r = requests.post(f"{azmlinfsrv}/score", json=MODEL_CARD_SAMPLE, headers={"x-request-id": "req-123"}, timeout=600)
     assert r.status_code == 200, r.text
     assert r.headers["x-request-id"] == "req-123"
     assert float(r.headers["x-ms-run-fn-exec-ms"]) > 0

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from sd_endpoint.errors import GenerationCancelled, RequestTimeout
+from sd_endpoint.errors import GenerationCancelled, GenerationFailed, RequestTimeout
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -91,6 +91,11 @@ class CancelToken:
     def cancelled(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def stopped(self) -> bool:
+        """Whether ``check()`` would raise now (cancelled, or past the deadline), without raising."""
+        return self._event.is_set() or (self.deadline is not None and time.monotonic() >= self.deadline)
+
     def check(self) -> None:
         """Raise if the work should stop now; backends call this between steps."""
         if not self._event.is_set() and self.deadline is not None and time.monotonic() >= self.deadline:
@@ -115,3 +120,18 @@ class BatchResult:
     seconds: float
     # Per-image notes from the backend, e.g. "decoded again in fp32 after NaNs in fp16".
     notes: list[list[str]] = field(default_factory=list)
+
+    def expect(self, tasks: int) -> None:
+        """Raise GenerationFailed unless there is exactly one image per task (checked wherever one is read)."""
+        if len(self.images) != tasks:
+            raise GenerationFailed(f"The backend returned {len(self.images)} images for {tasks} tasks.")
+
+    def split(self, sizes: list[int]) -> list[BatchResult]:
+        """The results of consecutive task groups of these ``sizes`` (a merged call's members), notes kept."""
+        self.expect(sum(sizes))
+        parts, offset = [], 0
+        for n in sizes:
+            notes = self.notes[offset : offset + n] if self.notes else [[] for _ in range(n)]
+            parts.append(BatchResult(self.images[offset : offset + n], self.steps_done, self.seconds, notes))
+            offset += n
+        return parts

@@ -55,6 +55,14 @@ STEPS_PER_SECOND = Gauge(
 CANCELLED = Counter(
     "sd_generations_stopped_total", "Generations stopped early, by reason.", ["reason"], registry=REGISTRY
 )
+WORKER_ERRORS = Counter(
+    "sd_worker_errors_total",
+    "Failures inside the generation worker's own bookkeeping; the call's requests failed, the worker went on.",
+    registry=REGISTRY,
+)
+WORKER_DEATHS = Counter(
+    "sd_worker_deaths_total", "Times the generation worker thread ended unexpectedly.", registry=REGISTRY
+)
 MODEL_LOAD_SECONDS = Gauge("sd_model_load_seconds", "Time to load the model.", registry=REGISTRY)
 READY = Gauge("sd_ready", "1 once the model is loaded and warmed up.", registry=REGISTRY)
 BACKEND = Info("sd_backend", "The backend chosen at start-up and why.", registry=REGISTRY)

@@ -11,16 +11,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd_endpoint import metrics
 from sd_endpoint.backends.base import Backend
 from sd_endpoint.contract import Limits, RowRequest, ScoringRequest, decode_body, parse_request
-from sd_endpoint.errors import GenerationFailed, ScreeningUnavailable
+from sd_endpoint.errors import ScreeningUnavailable
 from sd_endpoint.imaging import encode_image, to_base64
 from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
 from sd_endpoint.safety.base import NullScreener, Screener, Verdict
 from sd_endpoint.settings import ContentSafetySettings, Settings
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 CPU_WARMUP_SIZE = 128  # a multiple of 64: every SD UNet level divides its latent
@@ -116,6 +119,15 @@ class GenerationService:
             return CPU_WARMUP_SIZE, CPU_WARMUP_SIZE
         return self.limits.default_height, self.limits.default_width
 
+    def health_check(self) -> None:
+        """One tiny tensor op on the model's device (a wedged or lost GPU raises or hangs here)."""
+        import torch
+
+        device = str(self.backend.describe().get("device", "cpu"))
+        value = (torch.ones(1, device=device) + 1).sum().item()
+        if value != 2.0:
+            raise RuntimeError(f"1 + 1 gave {value} on {device}")
+
     def close(self) -> None:
         self._encoder.shutdown(wait=False)
         self.screener.close()
@@ -132,80 +144,34 @@ class GenerationService:
     def new_cancel_token(self) -> CancelToken:
         return CancelToken.with_timeout_ms(self.settings.request_timeout_ms)
 
+    def begin(self, request: ScoringRequest) -> Scoring:
+        """The request's stages, for a caller that runs them itself (the server awaits each one)."""
+        return Scoring(self, request)
+
     def score(
         self,
         request: ScoringRequest,
         cancel: CancelToken | None = None,
         generate: GenerateFn | None = None,
     ) -> ScoreResult:
-        """Run one validated request. ``generate`` lets the server route through its micro-batcher."""
+        """Run one validated request, blocking (score.py, the batch path, the CLI)."""
         cancel = cancel or self.new_cancel_token()
         generate = generate or self.backend.generate
-        timings: dict[str, float] = {}
-        headers: dict[str, str] = {}
-        rows = request.rows
-        screening = self.screener.enabled
-        skipped = False
-
-        prompt_verdicts: list[Verdict | None] = [None] * len(rows)
-        if screening:
-            t = time.perf_counter()
-            try:
-                prompt_verdicts = list(self.screener.screen_prompts([(r.prompt, r.negative_prompt) for r in rows]))
-            except ScreeningUnavailable as exc:
-                skipped = self._fail_open_or_raise(exc)
-            timings["screen_prompt"] = time.perf_counter() - t
-            metrics.SCREENING_SECONDS.labels("prompt").observe(timings["screen_prompt"])
-        # A blocked input image blocks its row from here on, as a blocked prompt does.
-        if screening and not skipped and request.spec.task != "text-to-image":
-            t = time.perf_counter()
-            try:
-                prompt_verdicts = self._screen_inputs(rows, prompt_verdicts)
-            except ScreeningUnavailable as exc:
-                skipped = self._fail_open_or_raise(exc)
-            timings["screen_input_image"] = time.perf_counter() - t
-            metrics.SCREENING_SECONDS.labels("input_image").observe(timings["screen_input_image"])
-
-        tasks: list[ImageTask] = []
-        owners: list[tuple[int, int]] = []  # (row position, image number) for each task
-        for row, verdict in zip(rows, prompt_verdicts, strict=True):
-            if verdict is not None and verdict.blocked:
-                self._count_blocked(verdict)
-                continue
-            for k, task in enumerate(row.tasks()):
-                tasks.append(task)
-                owners.append((row.position, k))
-
-        result = BatchResult([], 0, 0.0)
+        scoring = self.begin(request)
+        # 1. Screen the prompts: a blocked row gets no image.
+        scoring.screen_prompts()
+        # 2. Generate the images of the rows that passed.
+        tasks = scoring.tasks()
         if tasks:
-            t = time.perf_counter()
+            started = time.perf_counter()
             result = generate(request.spec, tasks, cancel)
-            timings["generate"] = time.perf_counter() - t
-            if len(result.images) != len(tasks):
-                raise GenerationFailed(f"The backend returned {len(result.images)} images for {len(tasks)} tasks.")
-
-        t = time.perf_counter()
-        fmt = request.output_format
-        encoded = list(self._encoder.map(lambda im: encode_image(im, fmt), result.images))
-        timings["encode"] = time.perf_counter() - t
-        metrics.ENCODE_SECONDS.observe(timings["encode"])
-
-        image_verdicts: list[Verdict | None] = [None] * len(encoded)
-        if screening and not skipped and encoded:
-            t = time.perf_counter()
-            try:
-                image_verdicts = list(self.screener.screen_images(encoded))
-            except ScreeningUnavailable as exc:
-                skipped = self._fail_open_or_raise(exc)
-            timings["screen_image"] = time.perf_counter() - t
-            metrics.SCREENING_SECONDS.labels("image").observe(timings["screen_image"])
-
-        if screening:
-            headers[SAFETY_HEADER] = "skipped" if skipped else "screened"
-        records, blocked = self._records(
-            rows, prompt_verdicts, owners, encoded, image_verdicts, result.notes, screening and not skipped
-        )
-        return ScoreResult(records, headers, timings, len(tasks), result.steps_done, blocked)
+            scoring.take(result, generate_s=time.perf_counter() - started)
+        # 3. Encode them in the requested format.
+        scoring.encode()
+        # 4. Screen the encoded images.
+        scoring.screen_images()
+        # 5. One record per requested image.
+        return scoring.result()
 
     # -- helpers -------------------------------------------------------------------------------
     def _screen_inputs(self, rows: Sequence[RowRequest], verdicts: Sequence[Verdict | None]) -> list[Verdict | None]:
@@ -237,51 +203,6 @@ class GenerationService:
         for category in verdict.blocked_categories or {"blocklist": 0}:
             metrics.BLOCKED.labels(verdict.stage, category).inc()
 
-    def _records(
-        self,
-        rows: Sequence[RowRequest],
-        prompt_verdicts: Sequence[Verdict | None],
-        owners: Sequence[tuple[int, int]],
-        encoded: Sequence[bytes],
-        image_verdicts: Sequence[Verdict | None],
-        notes: Sequence[Sequence[str]],
-        screened: bool,
-    ) -> tuple[list[dict[str, Any]], int]:
-        by_owner = {owner: i for i, owner in enumerate(owners)}
-        records: list[dict[str, Any]] = []
-        blocked = 0
-        for row, pverdict in zip(rows, prompt_verdicts, strict=True):
-            warnings = self._row_warnings(row)
-            for k, seed in enumerate(row.seeds):
-                record: dict[str, Any] = {
-                    "prompt": row.prompt,
-                    "generated_image": "",
-                    "nsfw_content_detected": None,
-                    "seed": seed,
-                    "index": row.index,
-                }
-                verdict = pverdict
-                if pverdict is None or not pverdict.blocked:
-                    i = by_owner[(row.position, k)]
-                    verdict = image_verdicts[i]
-                    if verdict is not None and verdict.blocked:
-                        self._count_blocked(verdict)
-                    else:
-                        record["generated_image"] = to_base64(encoded[i])
-                    extra = list(notes[i]) if i < len(notes) else []
-                else:
-                    extra = []
-                if verdict is not None and verdict.blocked:
-                    record["nsfw_content_detected"] = True
-                    record["blocked"] = verdict.as_record()
-                    blocked += 1
-                elif screened:
-                    record["nsfw_content_detected"] = False
-                if warnings or extra:
-                    record["warnings"] = warnings + extra
-                records.append(record)
-        return records, blocked
-
     def _row_warnings(self, row: RowRequest) -> list[str]:
         out = []
         if self.backend.prompt_overflows(row.prompt):
@@ -289,3 +210,157 @@ class GenerationService:
         if row.negative_prompt and self.backend.prompt_overflows(row.negative_prompt):
             out.append("negative_prompt is longer than the 77-token window; only its first 77 tokens were used")
         return out
+
+
+@dataclass
+class _Image:
+    """One requested image: the row it answers and what each stage made of it (the row-to-image mapping)."""
+
+    row: RowRequest
+    seed: int
+    prompt_verdict: Verdict | None = None  # the row's: every image of a row shares it
+    picture: Image.Image | None = None  # generated, until encoded
+    encoded: bytes | None = None
+    image_verdict: Verdict | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def wanted(self) -> bool:
+        """Generated unless screening blocked its prompt."""
+        return not (self.prompt_verdict is not None and self.prompt_verdict.blocked)
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """Why it is withheld, if it is: the prompt's verdict first, else the image's."""
+        return self.prompt_verdict if not self.wanted else self.image_verdict
+
+
+class Scoring:
+    """One request through the stages, in order: screen_prompts, tasks/take, encode, screen_images, result.
+
+    Each stage is a blocking call that fills in ``images`` and its entry of ``timings``; the blocking
+    ``GenerationService.score`` runs them in a row, the server awaits them one by one.
+    """
+
+    def __init__(self, service: GenerationService, request: ScoringRequest) -> None:
+        self.service = service
+        self.request = request
+        self.images = [_Image(row, seed) for row in request.rows for seed in row.seeds]
+        self.timings: dict[str, float] = {}
+        self.screening = service.screener.enabled
+        self.skipped = False  # screening failed open
+        self.steps = 0
+
+    @property
+    def spec(self) -> GenerationSpec:
+        return self.request.spec
+
+    def screen_prompts(self) -> None:
+        if not self.screening:
+            return
+        started = time.perf_counter()
+        rows = self.request.rows
+        verdicts: list[Verdict | None] = [None] * len(rows)
+        try:
+            verdicts = list(self.service.screener.screen_prompts([(r.prompt, r.negative_prompt) for r in rows]))
+        except ScreeningUnavailable as exc:
+            self.skipped = self.service._fail_open_or_raise(exc)
+        self._timed("screen_prompt", started)
+        metrics.SCREENING_SECONDS.labels("prompt").observe(self.timings["screen_prompt"])
+        # A blocked input image blocks its row from here on, as a blocked prompt does.
+        if not self.skipped and self.spec.task != "text-to-image":
+            started = time.perf_counter()
+            try:
+                verdicts = self.service._screen_inputs(rows, verdicts)
+            except ScreeningUnavailable as exc:
+                self.skipped = self.service._fail_open_or_raise(exc)
+            self._timed("screen_input_image", started)
+            metrics.SCREENING_SECONDS.labels("input_image").observe(self.timings["screen_input_image"])
+        by_row = dict(zip((r.position for r in rows), verdicts, strict=True))
+        for verdict in verdicts:
+            if verdict is not None and verdict.blocked:
+                self.service._count_blocked(verdict)
+        for image in self.images:
+            image.prompt_verdict = by_row[image.row.position]
+
+    def tasks(self) -> list[ImageTask]:
+        """What to generate, in order: one task per wanted image."""
+        return [
+            ImageTask(i.row.prompt, i.row.negative_prompt, i.seed, i.row.image, i.row.mask)
+            for i in self.images
+            if i.wanted
+        ]
+
+    def take(self, result: BatchResult, *, generate_s: float) -> None:
+        """The backend's images (in ``tasks()`` order) and how long the pipeline call took."""
+        wanted = [i for i in self.images if i.wanted]
+        result.expect(len(wanted))
+        notes = result.notes or [[] for _ in wanted]
+        for image, picture, extra in zip(wanted, result.images, notes, strict=True):
+            image.picture = picture
+            image.notes = tuple(extra)
+        self.steps = result.steps_done
+        self.timings["generate"] = generate_s
+
+    def encode(self) -> None:
+        started = time.perf_counter()
+        made = [i for i in self.images if i.picture is not None]
+        fmt = self.request.output_format
+        encoded = self.service._encoder.map(lambda im: encode_image(im, fmt), [i.picture for i in made])
+        for image, data in zip(made, encoded, strict=True):
+            image.encoded, image.picture = data, None
+        self._timed("encode", started)
+        metrics.ENCODE_SECONDS.observe(self.timings["encode"])
+
+    def screen_images(self) -> None:
+        made = [i for i in self.images if i.encoded]
+        if not self.screening or self.skipped or not made:
+            return
+        started = time.perf_counter()
+        try:
+            verdicts = self.service.screener.screen_images([i.encoded or b"" for i in made])
+        except ScreeningUnavailable as exc:
+            self.skipped = self.service._fail_open_or_raise(exc)
+        else:
+            for image, verdict in zip(made, verdicts, strict=True):
+                image.image_verdict = verdict
+                if verdict.blocked:
+                    self.service._count_blocked(verdict)
+        self._timed("screen_image", started)
+        metrics.SCREENING_SECONDS.labels("image").observe(self.timings["screen_image"])
+
+    def result(self) -> ScoreResult:
+        screened = self.screening and not self.skipped
+        headers = {SAFETY_HEADER: "skipped" if self.skipped else "screened"} if self.screening else {}
+        warnings: dict[int, list[str]] = {}
+        records: list[dict[str, Any]] = []
+        blocked = 0
+        for image in self.images:
+            row = image.row
+            if row.position not in warnings:
+                warnings[row.position] = self.service._row_warnings(row)
+            record: dict[str, Any] = {
+                "prompt": row.prompt,
+                "generated_image": "",
+                "nsfw_content_detected": None,
+                "seed": image.seed,
+                "index": row.index,
+            }
+            verdict = image.verdict
+            if verdict is not None and verdict.blocked:
+                record["nsfw_content_detected"] = True
+                record["blocked"] = verdict.as_record()
+                blocked += 1
+            else:
+                record["generated_image"] = to_base64(image.encoded or b"")
+                if screened:
+                    record["nsfw_content_detected"] = False
+            extra = warnings[row.position] + list(image.notes)
+            if extra:
+                record["warnings"] = extra
+            records.append(record)
+        generated = sum(1 for i in self.images if i.encoded is not None)
+        return ScoreResult(records, headers, dict(self.timings), generated, self.steps, blocked)
+
+    def _timed(self, stage: str, started: float) -> None:
+        self.timings[stage] = time.perf_counter() - started

@@ -104,6 +104,23 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=4, ge=1, description="Images per micro-batched pipeline call (1: off).")
     batch_wait_ms: int = Field(default=10, ge=0, description="How long a batch waits for batch-mates.")
     shutdown_grace_s: float = Field(default=30.0, ge=0, description="On SIGTERM, time to finish in-flight requests.")
+    body_read_timeout_s: float = Field(
+        default=5.0, gt=0, description="Longest wait for each chunk of a request body before 408 (slow clients)."
+    )
+    max_connections: int = Field(
+        default=200, ge=1, description="Open connections uvicorn serves at once; past it, a plain-text 503."
+    )
+    openai_image_base_url: str | None = Field(
+        default=None,
+        description="This server's public URL (e.g. https://host:5001). Set, /v1/images/* answer "
+        'response_format "url" with links kept for SD_ENDPOINT_OPENAI_IMAGE_TTL_S; unset, "url" is a 400.',
+    )
+    openai_image_ttl_s: int = Field(
+        default=600, ge=1, le=86_400, description="How long an image answered by URL stays downloadable."
+    )
+    openai_image_store_bytes: int = Field(
+        default=256_000_000, ge=16_000_000, description="Memory for images kept for URLs; the oldest go first."
+    )
     log_prompts: bool = Field(default=False, description="Log prompt text (off: prompts never reach the logs).")
     log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per line.")
     log_level: str = Field(default="INFO", description="Python logging level.")
@@ -128,6 +145,16 @@ class Settings(BaseSettings):
                 raise ValueError(f"{part!r}: height and width must be multiples of 8 and at least 64, batch >= 1")
             shapes.append((h, w, b))
         return shapes
+
+    @field_validator("openai_image_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().rstrip("/")
+        if not value.startswith(("http://", "https://")) or "?" in value or "#" in value:
+            raise ValueError("must be an http:// or https:// URL without query or fragment, e.g. https://host:5001")
+        return value
 
     @field_validator("device")
     @classmethod

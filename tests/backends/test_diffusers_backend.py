@@ -12,7 +12,9 @@ import torch
 
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend
 from sd_endpoint.jobs import GenerationSpec, ImageTask
-from sd_endpoint.model.loader import ModelSource, Placement, load_pipeline
+from sd_endpoint.model.discovery import ModelSource
+from sd_endpoint.model.loading import load_pipeline
+from sd_endpoint.model.placement import Placement
 
 SPEC = GenerationSpec(64, 64, 3, 7.5, "ddim", 0.0)
 

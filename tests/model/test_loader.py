@@ -9,13 +9,10 @@ from pathlib import Path
 import pytest
 
 from sd_endpoint.errors import ModelLoadError
-from sd_endpoint.model.loader import (
-    Placement,
-    check_diffusers_folder,
-    choose_placement,
-    load_pipeline,
-    resolve_source,
-)
+from sd_endpoint.model.checks import check_diffusers_folder
+from sd_endpoint.model.discovery import resolve_source
+from sd_endpoint.model.loading import load_pipeline
+from sd_endpoint.model.placement import Placement, choose_placement
 from sd_endpoint.settings import Settings
 
 
@@ -204,13 +201,13 @@ def test_library_errors_are_wrapped_with_the_path(tiny_model_dir: Path, tmp_path
 
 
 def test_placement_rules(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sd_endpoint.model.loader as loader
+    import sd_endpoint.model.placement as placement
 
-    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(placement, "cpu_has_fast_bf16", lambda: True)
     auto = choose_placement(_settings(device="cpu"))
     assert (auto.device, auto.dtype_name) == ("cpu", "bfloat16")
     assert "bf16" in auto.reason
-    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(placement, "cpu_has_fast_bf16", lambda: False)
     assert choose_placement(_settings(device="cpu")).dtype_name == "float32"
     forced = choose_placement(_settings(device="cpu", dtype="float32"))
     assert forced.dtype_name == "float32" and "SD_ENDPOINT_DTYPE" in forced.reason

@@ -20,7 +20,9 @@ import pytest
 import torch
 
 from sd_endpoint.errors import ModelLoadError
-from sd_endpoint.model.loader import ModelSource, Placement, _load_single_file, load_pipeline
+from sd_endpoint.model.discovery import ModelSource
+from sd_endpoint.model.loading import _load_single_file, load_pipeline
+from sd_endpoint.model.placement import Placement
 from tests.model.ldm_export import (
     TEXT_PREFIX,
     UNET_PREFIX,

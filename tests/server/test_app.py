@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sd_endpoint import metrics
 from sd_endpoint.server import create_app
 from sd_endpoint.server.app import is_loopback, run_server
-from sd_endpoint.service import GenerationService
+from sd_endpoint.service import GenerationService, Scoring
 from tests.conftest import small_request
 from tests.server.conftest import KEYS, fake_app, fake_settings, running, wait_ready
 from tests.server.helpers import BAD_INPUTS, decode_image
@@ -78,6 +78,18 @@ def test_metrics_endpoint_counts_requests_by_route_and_status(client: TestClient
     before = sample("sd_requests_total", route="/score", status="200")
     before_bad = sample("sd_requests_total", route="/score", status="400")
     before_images = sample("sd_images_generated_total")
+    # Each of these must move with one generated request (a name in the text proves nothing: every
+    # metric is registered, with its HELP line, at import).
+    moved = {
+        "sd_request_seconds_count": {"route": "/score"},
+        "sd_queue_wait_seconds_count": {},
+        "sd_generation_seconds_count": {},
+        "sd_encode_seconds_count": {},
+        "sd_batch_size_images_count": {},
+        "sd_batch_size_requests_count": {},
+        "sd_denoising_steps_total": {},
+    }
+    before_moved = {name: sample(name, **labels) for name, labels in moved.items()}
     client.post("/score", json=body(num_images_per_prompt=2))
     client.post("/score", content=b"{")
     text = client.get("/metrics").text
@@ -85,22 +97,10 @@ def test_metrics_endpoint_counts_requests_by_route_and_status(client: TestClient
     assert sample("sd_requests_total", route="/score", status="200") == before + 1
     assert sample("sd_requests_total", route="/score", status="400") == before_bad + 1
     assert sample("sd_images_generated_total") == before_images + 2
-    for name in (
-        "sd_request_seconds",
-        "sd_queue_wait_seconds",
-        "sd_generation_seconds",
-        "sd_encode_seconds",
-        "sd_batch_size_images",
-        "sd_batch_size_requests",
-        "sd_denoising_steps_total",
-        "sd_denoising_steps_per_second",
-        "sd_requests_in_flight",
-        "sd_requests_queued",
-        "sd_model_load_seconds",
-        "sd_ready",
-        "sd_content_blocked_total",
-    ):
-        assert name in text, name
+    for name, labels in moved.items():
+        assert sample(name, **labels) > before_moved[name], name
+    assert sample("sd_denoising_steps_per_second") > 0
+    assert (sample("sd_requests_in_flight"), sample("sd_requests_queued"), sample("sd_ready")) == (0, 0, 1)
     assert client.get("/nope/deeper").status_code == 404
     assert 'route="unmatched"' in client.get("/metrics").text  # unknown paths share one label
 
@@ -476,7 +476,7 @@ def test_an_unexpected_error_is_a_500_with_the_request_id(monkeypatch: pytest.Mo
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise ValueError("a bug")
 
-        monkeypatch.setattr(app.state.sd.service, "score", broken)
+        monkeypatch.setattr(Scoring, "encode", broken)  # a bug after the generation, with the slot held
         resp = c.post("/score", json=body(), headers={"x-request-id": "bug-1"})
         assert resp.status_code == 500
         assert resp.json() == {"message": "An unexpected error occurred; see the server log (request id bug-1)."}

@@ -44,6 +44,8 @@ def server(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempP
         max_queue_wait_ms=100,
         max_batch_size=4,
         batch_wait_ms=500,  # only paid while another admitted request has yet to submit
+        # No test here is about timeouts: a loaded machine must not turn a slow answer into a 408.
+        request_timeout_ms=600_000,
     )
     live = LiveServer(env, tmp_path_factory.mktemp("live") / "server.log")
     live.key = PRIMARY
@@ -69,7 +71,8 @@ def post(server: LiveServer, body: Any, **headers: str) -> httpx.Response:
 def test_every_route(server: LiveServer) -> None:
     live = httpx.get(f"{server.url}/")
     assert (live.status_code, live.text) == (200, "Healthy")
-    ready = httpx.get(f"{server.url}/ready").json()
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}  # no key: only whether
+    ready = httpx.get(f"{server.url}/ready", headers=server.headers()).json()
     assert (ready["status"], ready["backend"], ready["device"], ready["dtype"]) == (
         "ready",
         "diffusers",

@@ -484,3 +484,58 @@ def test_the_api_documents_describe_both_routes(client: TestClient) -> None:
     assert params["n"]["type"] == "integer" and params["strength"]["type"] == "number"
     assert params["scheduler"]["enum"][0] == "ddim"
     assert "/playground" in v31 and "/v1/{rest}" not in v31
+
+
+# ------------------------------------------------------------------------------------------------
+# response_format "url": only with a base URL; images kept for a bounded time and memory
+
+
+def test_url_answers_download_links_that_need_no_key() -> None:
+    app, _ = fake_app(keys=",".join(KEYS), openai_image_base_url="https://images.example:5001/", openai_image_ttl_s=60)
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    with TestClient(app) as c:
+        wait_ready(c.get)
+        resp = c.post(URL, json=gen("a red fox", n=2, seed=4, response_format="url"), headers=auth)
+        assert resp.status_code == 200, resp.text
+        items = resp.json()["data"]
+        assert [i["seed"] for i in items] == [4, 5] and all("b64_json" not in i for i in items)
+        prefix = "https://images.example:5001/v1/images/files/"
+        assert all(i["url"].startswith(prefix) and i["url"].endswith(".png") for i in items)
+        for item in items:
+            path = item["url"].removeprefix("https://images.example:5001")
+            got = c.get(path)  # no key: the unguessable name is the permission
+            assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+            image = Image.open(io.BytesIO(got.content))
+            assert image.getpixel((0, 0)) == colour_of("a red fox", item["seed"])
+        jpeg = c.post(URL, json=gen("a cat", response_format="url", output_format="jpeg"), headers=auth)
+        (item,) = jpeg.json()["data"]
+        path = item["url"].removeprefix("https://images.example:5001")
+        assert path.endswith(".jpeg") and c.get(path).headers["content-type"] == "image/jpeg"
+        assert c.get(path.replace(".jpeg", ".png")).status_code == 404
+        missing = c.get("/v1/images/files/not-an-id.png")
+        assert missing.status_code == 404 and "expired" in error_of(missing)["message"]
+
+
+def test_a_base_url_that_is_not_one_is_a_config_error() -> None:
+    from sd_endpoint.errors import ConfigError
+    from sd_endpoint.settings import load_settings
+
+    with pytest.raises(ConfigError, match="SD_ENDPOINT_OPENAI_IMAGE_BASE_URL"):
+        load_settings(openai_image_base_url="images.example")
+    assert load_settings(openai_image_base_url="http://h:1/").openai_image_base_url == "http://h:1"
+
+
+def test_the_store_forgets_after_the_ttl_and_drops_the_oldest_when_full() -> None:
+    from sd_endpoint.server.image_store import ImageStore
+
+    now = [0.0]
+    store = ImageStore(ttl_s=10, max_bytes=100, clock=lambda: now[0])
+    first = store.put(b"a" * 40, "image/png")
+    now[0] = 5
+    second = store.put(b"b" * 40, "image/png")
+    assert first and second and store.get(first) is not None and store.bytes == 80
+    third = store.put(b"c" * 40, "image/png")  # 120 > 100: the oldest goes
+    assert third and store.get(first) is None and store.get(second) is not None and store.bytes == 80
+    now[0] = 15.5  # second expired at 15, third (put at 5) too
+    assert store.get(second) is None and store.get(third) is None and len(store) == 0 and store.bytes == 0
+    assert store.put(b"x" * 101, "image/png") is None  # larger than the whole store

@@ -29,6 +29,7 @@ def server(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempP
     env = model_env(tiny_model_dir, cache_dir, keys=KEY, default_height=64, default_width=64, default_steps=2)
     live = LiveServer(env, tmp_path_factory.mktemp("openai-live") / "server.log")
     live.key = KEY
+    live.env["SD_ENDPOINT_OPENAI_IMAGE_BASE_URL"] = live.url  # response_format "url" served by this server
     live.start()
     try:
         yield live
@@ -77,15 +78,22 @@ def test_generate_returns_decodable_images_with_their_seeds(client: openai.OpenA
     assert metrics['sd_requests_total{route="/v1/images/generations",status="200"}'] >= 3
 
 
+def test_url_responses_download_without_the_key(client: openai.OpenAI, server: LiveServer) -> None:
+    resp = client.images.generate(prompt="a harbour", response_format="url", extra_body={"seed": 11, "steps": 2})
+    assert resp.data is not None and resp.data[0].b64_json is None and resp.data[0].url
+    assert resp.data[0].url.startswith(f"{server.url}/v1/images/files/")
+    download = httpx.get(resp.data[0].url, timeout=60)  # no Authorization: the URL is the permission
+    assert download.status_code == 200 and download.headers["content-type"] == "image/png"
+    same = client.images.generate(prompt="a harbour", extra_body={"seed": 11, "steps": 2})
+    assert same.data is not None
+    assert download.content == base64.b64decode(same.data[0].b64_json or "")
+
+
 def test_errors_surface_as_the_sdks_exceptions_with_our_message(client: openai.OpenAI, server: LiveServer) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.images.generate(prompt="a cat", size="100x64")  # type: ignore[arg-type]
     assert bad.value.status_code == 400 and bad.value.param == "size"
     assert "size (width): must be a multiple of 8" in bad.value.message
-
-    with pytest.raises(openai.BadRequestError) as url:
-        client.images.generate(prompt="a cat", response_format="url")
-    assert url.value.code == "unsupported_response_format" and "b64_json" in url.value.message
 
     with pytest.raises(openai.BadRequestError) as steps:
         client.images.generate(prompt="a cat", extra_body={"steps": 10_000})

@@ -16,7 +16,7 @@ __all__ = ["Backend", "BatchResult", "CancelToken", "GenerationSpec", "ImageTask
 
 def create_backend(settings: Settings) -> Backend:
     """Resolve and load the model, then wrap it in the backend the settings ask for (see selection.py)."""
-    from sd_endpoint.model.loader import resolve_source
+    from sd_endpoint.model.discovery import resolve_source
 
     source = resolve_source(settings)
     if source.kind == "demo":
@@ -28,7 +28,8 @@ def create_backend(settings: Settings) -> Backend:
     else:
         log.info("Model: %s (%s)", source.location, source.reason)
     from sd_endpoint.backends.selection import build_backend
-    from sd_endpoint.model.loader import choose_placement, load_pipeline
+    from sd_endpoint.model.loading import load_pipeline
+    from sd_endpoint.model.placement import choose_placement
 
     placement = choose_placement(settings)  # imports torch
     log.info("Device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
@@ -36,11 +37,12 @@ def create_backend(settings: Settings) -> Backend:
         # Start reading into the final tensors now, while diffusers and transformers import.
         from sd_endpoint.backends.diffusers_backend import wants_channels_last
         from sd_endpoint.model.fast_load import start_load
-        from sd_endpoint.model.loader import _variant
+        from sd_endpoint.model.weights import choose_variant
 
         folder = Path(source.location)
         device_type = placement.device.split(":")[0]
         nhwc = wants_channels_last(device_type, placement.dtype_name)
-        start_load(folder, placement.device, placement.dtype_name, _variant(folder), channels_last=nhwc)
+        variant = choose_variant(folder, placement.dtype_name)
+        start_load(folder, placement.device, placement.dtype_name, variant, channels_last=nhwc)
     pipe = load_pipeline(source, placement, settings.cache_dir)
     return build_backend(settings, pipe, placement_reason=placement.reason, source=f"{source.kind}:{source.location}")

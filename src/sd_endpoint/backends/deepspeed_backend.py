@@ -246,9 +246,8 @@ class DeepSpeedBackend(DiffusersBackend):
         cls, base: DiffusersBackend, shapes: Sequence[WarmShape], *, kernels: Kernels | None = None
     ) -> DeepSpeedBackend:
         """Inject and capture next to ``base`` (whose modules it shares); raises DeepSpeedUnavailable."""
-        from diffusers import StableDiffusionPipeline
-
         from sd_endpoint.backends.unet_runner import UNetRunner, unet_inputs_for
+        from sd_endpoint.model.pipeline import build_pipeline
 
         if base.device.type != "cuda":
             raise DeepSpeedUnavailable(f"DeepSpeed's kernels need CUDA; the model is on {base.device}")
@@ -266,17 +265,14 @@ class DeepSpeedBackend(DiffusersBackend):
         runner = UNetRunner(unet, strict=True, label="deepspeed UNet")
         runner.warm([unet_inputs_for(raw, h, w, b) for h, w, b in shapes], graphs=True)
         p = base.pipe
-        pipe = StableDiffusionPipeline(
+        pipe = build_pipeline(
+            "text-to-image",
             vae=p.vae,
             text_encoder=p.text_encoder,
             tokenizer=p.tokenizer,
             unet=runner,
             scheduler=p.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
         )
-        pipe.set_progress_bar_config(disable=True)
         backend = cls(pipe, shapes=shapes, report=report, placement_reason=base.placement_reason, source=base.source)
         backend._raw_unet = unet
         backend.runner = runner

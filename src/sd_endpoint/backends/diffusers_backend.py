@@ -220,7 +220,7 @@ class DiffusersBackend:
         ``eager`` bypasses graphs/compile. Image-to-image and inpainting always run the eager UNet: the
         warm shapes were captured and checked for text-to-image only.
         """
-        from sd_endpoint.backends.image_tasks import build_pipeline
+        from sd_endpoint.model.pipeline import build_pipeline
 
         p = self.pipe
         return build_pipeline(

@@ -2,10 +2,10 @@
 
 diffusers' ``StableDiffusionImg2ImgPipeline`` and ``StableDiffusionInpaintPipeline`` take the same
 modules as ``StableDiffusionPipeline`` (VAE, text encoder, tokenizer, UNet, scheduler); a pipeline object
-is only references to them, so building one per call shares every tensor. SD 2.1's UNet has 4 input
-channels (not the 9 of a dedicated inpainting UNet): diffusers' inpainting pipeline then denoises the
-whole latent and, after every step, puts the known region back (the input image's latents noised to the
-next timestep), so only the white part of the mask is repainted.
+is only references to them, so building one per call (``model.pipeline.build_pipeline``) shares every
+tensor. SD 2.1's UNet has 4 input channels (not the 9 of a dedicated inpainting UNet): diffusers'
+inpainting pipeline then denoises the whole latent and, after every step, puts the known region back (the
+input image's latents noised to the next timestep), so only the white part of the mask is repainted.
 
 Each image keeps its own CPU generator, used in the same order as for that image alone (VAE-encode
 sample, initial noise, then the masked image's encode for inpainting), so an image is the same whether it
@@ -17,35 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sd_endpoint.jobs import GenerationSpec, ImageTask, TaskName
-
-_PIPELINES: dict[TaskName, str] = {
-    "text-to-image": "StableDiffusionPipeline",
-    "image-to-image": "StableDiffusionImg2ImgPipeline",
-    "inpainting": "StableDiffusionInpaintPipeline",
-}
-
-
-def pipeline_class(task: TaskName) -> Any:
-    import diffusers
-
-    return getattr(diffusers, _PIPELINES[task])
-
-
-def build_pipeline(task: TaskName, *, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any) -> Any:
-    """The task's diffusers pipeline over the given (shared) modules, without a safety checker."""
-    pipe = pipeline_class(task)(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+from sd_endpoint.jobs import GenerationSpec, ImageTask
 
 
 def call_arguments(spec: GenerationSpec, tasks: Sequence[ImageTask]) -> dict[str, Any]:

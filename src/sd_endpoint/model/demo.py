@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from sd_endpoint.model.pipeline import build_pipeline
 from sd_endpoint.model.tokenizer import cached_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _read_config(component: str) -> dict[str, Any]:
 def build_demo_pipeline(*, full_size: bool = False, seed: int = 0, cache_dir: Path | None = None) -> Any:
     """A StableDiffusionPipeline with SD 2.1's architecture (or the tiny copy) and random weights."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -97,15 +98,13 @@ def build_demo_pipeline(*, full_size: bool = False, seed: int = 0, cache_dir: Pa
     text_cfg.pop("model_type", None)
     tok_dir = cached_tokenizer_dir(cache_dir or Path(tempfile.gettempdir()) / "sd-endpoint-cache")
     tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!", model_max_length=77)
-    return StableDiffusionPipeline(
+    return build_pipeline(
+        "text-to-image",
         vae=AutoencoderKL(**vae_cfg),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_cfg)),
         tokenizer=tokenizer,
         unet=UNet2DConditionModel(**unet_cfg),
         scheduler=DDIMScheduler.from_config(_read_config("scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 

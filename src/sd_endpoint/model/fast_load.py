@@ -32,30 +32,19 @@ import json
 import logging
 import os
 import queue
-import struct
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sd_endpoint.errors import ModelLoadError
+from sd_endpoint.model.pipeline import build_pipeline
+from sd_endpoint.model.weights import COMPONENTS, TensorSpec, read_header, weight_files
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 16 << 20
-COMPONENTS = ("unet", "vae", "text_encoder")
-_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-_SAFETENSORS_DTYPES = {
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
 # Keys that older transformers versions saved but current modules recompute (non-persistent buffers).
 _IGNORABLE_SUFFIXES = ("position_ids",)
 
@@ -64,50 +53,17 @@ class FastLoadUnsupported(Exception):
     """The folder needs something only from_pretrained does; the message says what."""
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # torch dtype name
-    shape: tuple[int, ...]
-    start: int  # absolute offsets in the file
-    end: int
-
-
-def read_header(file: Path) -> list[TensorSpec]:
-    """The tensors of a safetensors file, from its JSON header alone."""
-    with file.open("rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    base = 8 + length
-    specs = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise FastLoadUnsupported(f"{file}: tensor dtype {info['dtype']} of {name}")
-        a, b = info["data_offsets"]
-        specs.append(TensorSpec(name, dtype, tuple(info["shape"]), base + int(a), base + int(b)))
-    return sorted(specs, key=lambda s: s.start)
-
-
-def weight_files(component_dir: Path, variant: str | None) -> list[Path]:
-    """The safetensors files holding one component's weights (one file, or the shards of an index)."""
-    stem = _STEMS[component_dir.name]
-    single = component_dir / (f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors")
-    if single.is_file():
-        return [single]
-    index = component_dir / (
-        f"{stem}.safetensors.index.{variant}.json" if variant else f"{stem}.safetensors.index.json"
-    )
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [component_dir / s for s in shards]
-    raise FastLoadUnsupported(f"{component_dir}: no {single.name} (only .bin weights or another layout)")
-
-
 def folder_weight_files(folder: Path, variant: str | None) -> dict[str, list[Path]]:
-    return {c: weight_files(folder / c, variant) for c in COMPONENTS}
+    """Each component's safetensors files; FastLoadUnsupported for .bin weights or another layout."""
+    out = {}
+    for component in COMPONENTS:
+        files = weight_files(folder / component, variant)
+        if not files or any(f.suffix != ".safetensors" for f in files):
+            raise FastLoadUnsupported(
+                f"{folder / component}: no safetensors weights (only .bin weights or another layout)"
+            )
+        out[component] = files
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +210,8 @@ def _plan_file(
     torch = reader.torch
     out: dict[str, Any] = {}
     for spec in specs:
+        if spec.dtype is None:
+            raise FastLoadUnsupported(f"{file.path}: tensor dtype {spec.stored} of {spec.name}")
         src_dtype = getattr(torch, spec.dtype)
         item = src_dtype.itemsize
         numel = 1
@@ -425,16 +383,17 @@ def start_load(
     ``channels_last`` puts the UNet's and VAE's conv weights in NHWC as they are read.
     """
     global _pending
-    _discard_pending()
+    discard_pending()
     try:
         _pending = PendingLoad(folder, device, dtype_name, variant, channels_last=channels_last)
-    except (FastLoadUnsupported, OSError, ValueError, KeyError) as exc:
-        log.debug("No early weight load: %s", exc)
+    except (FastLoadUnsupported, ModelLoadError, OSError, ValueError, KeyError) as exc:
+        log.debug("No early weight load: %s", exc)  # loading itself reports what is wrong
         return None
     return _pending
 
 
-def _discard_pending() -> None:
+def discard_pending() -> None:
+    """Stop waiting for an early load nobody will take (its reads finish; torch's threads are restored)."""
     global _pending
     if _pending is not None:
         try:
@@ -455,10 +414,10 @@ def load_folder(folder: Path, device: str, dtype_name: str, variant: str | None 
     if _pending is not None and _pending.key == key:
         pending, _pending = _pending, None
     else:
-        _discard_pending()
+        discard_pending()
         pending = PendingLoad(folder, device, dtype_name, variant)
-    index = json.loads((folder / "model_index.json").read_text())
-    try:
+    try:  # whatever fails here, result() below ends the reads and restores torch's thread count
+        index = json.loads((folder / "model_index.json").read_text())
         modules = {c: _empty_module(c, folder) for c in COMPONENTS}
         tokenizer, scheduler = _tokenizer_and_scheduler(folder, index)
     finally:
@@ -467,20 +426,15 @@ def load_folder(folder: Path, device: str, dtype_name: str, variant: str | None 
         module = modules[comp]
         state = _match_keys(comp, set(module.state_dict().keys()), tensors[comp])
         _adopt(module, state, pending.target)
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
+    pipe = build_pipeline(
+        "text-to-image",
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
         tokenizer=tokenizer,
         unet=modules["unet"],
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipe.register_to_config(_name_or_path=str(folder))
-    pipe.set_progress_bar_config(disable=True)
     log.info(
         "Fast-loaded %.2f GB of weights to %s as %s in %.2f s since the first read (%d reader threads, %s)",
         pending.reader.bytes / 1e9,

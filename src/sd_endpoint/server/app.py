@@ -13,12 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
-import signal
-import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
@@ -30,14 +25,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from sd_endpoint import metrics
-from sd_endpoint.batching import AdmissionControl, MicroBatcher
-from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError, ServiceUnavailable
+from sd_endpoint.errors import EndpointError
 from sd_endpoint.net import is_loopback
 from sd_endpoint.server import openai_images, openapi, playground
-from sd_endpoint.server.auth import KeyCheck
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
 from sd_endpoint.server.routes import router
+from sd_endpoint.server.state import ServerState
 from sd_endpoint.service import GenerationService
 from sd_endpoint.settings import Settings
 
@@ -52,153 +45,6 @@ _HTTP_MESSAGES = {
     "spelling and try again.",
     405: "The method is not allowed for the requested URL.",
 }
-# Retry-After on 503 while the model loads.
-_LOADING_RETRY_S = 10
-
-
-class ServerState:
-    """Everything the routes need, on ``app.state.sd``."""
-
-    def __init__(
-        self, settings: Settings, service: GenerationService | None, on_fatal: Callable[[], None] | None
-    ) -> None:
-        self.settings = settings
-        self.service = service
-        self.owns_service = service is None
-        self.phase = "loading"  # loading -> warming up -> ready -> shutting down; or failed
-        self.error = ""
-        self.exit_code = 0
-        self.load_seconds = 0.0
-        self.warmup_seconds = 0.0
-        self.keys = KeyCheck(settings.keys)
-        self.admission: AdmissionControl | None = None
-        self.batcher: MicroBatcher | None = None
-        self.executor: ThreadPoolExecutor | None = None
-        self._on_fatal = on_fatal or _terminate_self
-
-    # -- what the routes ask -------------------------------------------------------------------
-    def require_ready(self) -> GenerationService:
-        if self.phase != "ready" or self.service is None or self.batcher is None or self.admission is None:
-            raise self.not_ready()
-        return self.service
-
-    def not_ready(self, *, detail: bool = True) -> ServiceUnavailable:
-        """Why requests are refused now; ``detail`` False leaves out the load error (it may name paths)."""
-        failed = f"The model failed to load: {self.error}" if detail else "The model failed to load (see the log)."
-        messages = {
-            "loading": "The model is loading; retry when GET /ready answers 200.",
-            "warming up": "The model is warming up; retry when GET /ready answers 200.",
-            "shutting down": "The server is shutting down.",
-            "failed": failed,
-        }
-        retry = _LOADING_RETRY_S if self.phase in ("loading", "warming up") else 5
-        return ServiceUnavailable(messages.get(self.phase, "Not ready."), retry_after_s=retry)
-
-    def begin_drain(self) -> None:
-        """SIGTERM: report not-ready at once, so that load balancers stop sending work while we finish."""
-        if self.phase != "failed":
-            self.phase = "shutting down"
-        metrics.READY.set(0)
-
-    # -- lifecycle -----------------------------------------------------------------------------
-    async def start(self) -> None:
-        self.admission = AdmissionControl(
-            self.settings.max_concurrent_requests,
-            self.settings.max_concurrent_requests
-            if self.settings.max_queued_requests is None
-            else self.settings.max_queued_requests,
-            self.settings.max_queue_wait_ms / 1000.0,
-        )
-        self.executor = ThreadPoolExecutor(
-            max_workers=self.settings.max_concurrent_requests + 1, thread_name_prefix="score"
-        )
-        try:
-            await _in_daemon_thread(self._load_and_warm_up)
-        except Exception as exc:
-            self._fail(exc)
-
-    def _load_and_warm_up(self) -> None:
-        if self.service is None:
-            log.info("Loading the model ...")
-            started = time.perf_counter()
-            self.service = GenerationService.from_settings(self.settings)
-            self.load_seconds = time.perf_counter() - started
-            log.info("Model loaded in %.1f s", self.load_seconds, extra={"backend": self.service.backend.describe()})
-        if self.phase == "shutting down":
-            return
-        if not self.service.ready:
-            self.phase = "warming up"
-            log.info("Warming up (one small generation) ...")
-            self.warmup_seconds = self.service.warmup()
-        if self.phase == "shutting down":
-            return
-        self.batcher = MicroBatcher(
-            self.service.backend.generate,
-            max_batch_size=self.settings.max_batch_size,
-            batch_wait_s=self.settings.batch_wait_ms / 1000.0,
-        ).start()
-        self.phase = "ready"
-        metrics.READY.set(1)
-        log.info(
-            "Ready: POST /score, liveness GET /, readiness GET /ready, metrics GET /metrics, API GET /swagger.json",
-            extra={"auth": "key" if self.keys.enabled else "none"},
-        )
-
-    def _fail(self, exc: BaseException) -> None:
-        self.phase = "failed"
-        self.error = str(exc)
-        metrics.READY.set(0)
-        if isinstance(exc, (ConfigError, ModelLoadError)):
-            self.exit_code = 2
-            log.error("Could not start: %s", exc)
-        else:
-            self.exit_code = 3
-            log.error("Could not start: the model failed to load", exc_info=exc)
-        self._on_fatal()
-
-    async def stop(self) -> None:
-        self.begin_drain()
-        if self.batcher is not None:
-            await asyncio.to_thread(self.batcher.close, 10.0)
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
-        if self.service is not None and self.owns_service:
-            self.service.close()
-        log.info("Stopped")
-
-
-async def _in_daemon_thread(fn: Callable[[], None]) -> None:
-    """Run ``fn`` in a daemon thread: a SIGTERM during a long model load must not wait for the load."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def target() -> None:
-        outcome: BaseException | None = None
-        try:
-            fn()
-        except BaseException as exc:
-            outcome = exc
-        try:
-            loop.call_soon_threadsafe(_settle, done, outcome)
-        except RuntimeError:
-            pass  # the loop is closed: the server stopped while this was still loading
-
-    threading.Thread(target=target, name="load-model", daemon=True).start()
-    await done
-
-
-def _settle(future: asyncio.Future[None], exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is None:
-        future.set_result(None)
-    else:
-        future.set_exception(exc)
-
-
-def _terminate_self() -> None:
-    """Default reaction to a failed start when not run by ``run_server``: stop the process."""
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -309,7 +155,14 @@ def run_server(settings: Settings) -> int:
 
     app = create_app(settings, on_fatal=fatal)
     state: ServerState = app.state.sd
-    config = uvicorn.Config(
+    server = _DrainingServer(uvicorn_config(app, settings), state)
+    server.run()
+    return state.exit_code
+
+
+def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """How uvicorn serves the app (also what the reliability tests run in a thread)."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -318,10 +171,9 @@ def run_server(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
         server_header=False,
+        # Past this many open connections uvicorn answers 503 itself (plain text: before our app runs).
+        limit_concurrency=settings.max_connections,
     )
-    server = _DrainingServer(config, state)
-    server.run()
-    return state.exit_code
 
 
 class _DrainingServer(uvicorn.Server):  # type: ignore[misc]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 
+from fastapi import Request
 from pydantic import SecretStr
 
 from sd_endpoint.errors import Unauthorized
@@ -47,3 +48,9 @@ class KeyCheck:
             raise Unauthorized(
                 "Invalid key: send 'Authorization: Bearer <key>' with the endpoint's primary or secondary key."
             )
+
+
+def require_key(request: Request) -> None:
+    """FastAPI dependency of the key-protected routes (the app's ``KeyCheck`` is on ``app.state.sd.keys``)."""
+    keys: KeyCheck = request.app.state.sd.keys
+    keys.check(request.headers.get("authorization"))

@@ -22,6 +22,7 @@ as it is, in the contract's own convention (white = repaint).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import re
@@ -40,14 +41,16 @@ from starlette.routing import Match
 
 from sd_endpoint import images_in
 from sd_endpoint.contract import OutputFormat, decode_body
-from sd_endpoint.errors import EndpointError, InvalidRequest, UnsupportedMediaType
-from sd_endpoint.imaging import encode_image
+from sd_endpoint.errors import EndpointError, InvalidRequest, ServiceUnavailable, UnsupportedMediaType
+from sd_endpoint.imaging import MEDIA_TYPES, encode_image
 from sd_endpoint.jobs import SchedulerName
+from sd_endpoint.server.image_store import ImageStore
 from sd_endpoint.server.middleware import STATE_KEY
 from sd_endpoint.server.routes import check_content_type, read_body, run_score
 
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
+FILES_PATH = "/v1/images/files"
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 # OpenAI's error "type" for each status we answer with.
@@ -100,7 +103,7 @@ class GenerationsRequest(BaseModel):
     n: int = Field(1, description="Images to generate (seeds seed, seed+1, ...).")
     size: str | None = Field(None, description='"WIDTHxHEIGHT", multiples of 8 (e.g. "512x512"), or "auto".')
     response_format: Literal["b64_json", "url"] | None = Field(
-        None, description='"b64_json" (the default); "url" is refused: this server does not keep images.'
+        None, description='"b64_json" (the default), or "url" when SD_ENDPOINT_OPENAI_IMAGE_BASE_URL is set.'
     )
     output_format: OutputFormat | None = Field(None, description="png (default), jpeg or webp.")
     negative_prompt: str | None = Field(None, description="What to steer away from.")
@@ -193,13 +196,6 @@ def _validate(payload: Any, model: type[GenerationsRequest] = GenerationsRequest
 
 def to_contract(req: GenerationsRequest, image: bytes | None = None, mask: bytes | None = None) -> dict[str, Any]:
     """The contract request for an OpenAI request: one row, ``n`` images (with the edit's image and mask)."""
-    if req.response_format == "url":
-        raise OpenAIError(
-            'response_format "url" is not supported: this server does not keep generated images. Use '
-            '"b64_json" (the default) and decode the base64 image in each data item.',
-            param="response_format",
-            code="unsupported_response_format",
-        )
     params: dict[str, Any] = {"num_images_per_prompt": req.n}
     if req.size is not None and req.size.strip().lower() != "auto":
         match = _SIZE.match(req.size)
@@ -254,15 +250,22 @@ def _reason(blocked: dict[str, Any]) -> str:
     return f"{stage} stage: {', '.join(parts) or 'blocked'}"
 
 
-def to_images_response(records: list[dict[str, Any]], output_format: str, size: str) -> dict[str, Any]:
-    """OpenAI's ImagesResponse for the contract's records; blocked images are listed apart, with their reason."""
+def to_images_response(
+    records: list[dict[str, Any]], output_format: str, size: str, url_of: Callable[[str], str] | None = None
+) -> dict[str, Any]:
+    """OpenAI's ImagesResponse for the contract's records; blocked images are listed apart, with their reason.
+
+    ``url_of`` (response_format "url") turns an image's base64 into a download URL.
+    """
     data: list[dict[str, Any]] = []
     blocked: list[dict[str, Any]] = []
     for record in records:
         if record.get("blocked"):
             blocked.append({"seed": record["seed"], "reason": _reason(record["blocked"]), **record["blocked"]})
             continue
-        item: dict[str, Any] = {"b64_json": record["generated_image"], "seed": record["seed"]}
+        image = record["generated_image"]
+        item: dict[str, Any] = {"url": url_of(image)} if url_of else {"b64_json": image}
+        item["seed"] = record["seed"]
         if record.get("warnings"):
             item["warnings"] = record["warnings"]
         data.append(item)
@@ -402,12 +405,23 @@ async def edits(request: Request) -> Response:
     mask = files.get("mask")
     if mask is not None:
         limits = images_in.ImageLimits(state.settings.max_image_bytes, state.settings.max_input_pixels)
-        mask = openai_mask(mask, limits)
+        # Decoding an image can take a while: off the event loop, as /score parses its input images.
+        mask = await asyncio.to_thread(openai_mask, mask, limits)
     return await _run(request, req, to_contract(req, files["image"], mask))
 
 
 async def _run(request: Request, req: GenerationsRequest, contract: dict[str, Any]) -> Response:
     """The contract request through /score's own entry; the records back as OpenAI's response."""
+    settings = request.app.state.sd.settings
+    base_url: str | None = settings.openai_image_base_url
+    if req.response_format == "url" and base_url is None:
+        raise OpenAIError(
+            'response_format "url" is not supported here: the server keeps no images unless '
+            'SD_ENDPOINT_OPENAI_IMAGE_BASE_URL is set. Use "b64_json" (the default) and decode the base64 image '
+            "in each data item.",
+            param="response_format",
+            code="unsupported_response_format",
+        )
     try:
         result = await run_score(request, contract)
     except InvalidRequest as exc:
@@ -416,7 +430,54 @@ async def _run(request: Request, req: GenerationsRequest, contract: dict[str, An
         raise from_contract_error(exc) from None
     output_format = req.output_format or "png"
     size = _size_of(result.records, contract["parameters"])
-    return JSONResponse(to_images_response(result.records, output_format, size), headers=result.headers)
+    url_of = None
+    if req.response_format == "url" and base_url is not None:
+        url_of = _keeper(_store(request), base_url, output_format)
+    body = to_images_response(result.records, output_format, size, url_of)
+    return JSONResponse(body, headers=result.headers)
+
+
+def _keeper(store: ImageStore, base_url: str, output_format: str) -> Callable[[str], str]:
+    """Keeps each image in the store and gives its download URL."""
+
+    def url_of(image: str) -> str:
+        image_id = store.put(base64.b64decode(image), MEDIA_TYPES[output_format])
+        if image_id is None:
+            raise ServiceUnavailable("An image is larger than SD_ENDPOINT_OPENAI_IMAGE_STORE_BYTES; use b64_json.")
+        return f"{base_url}{FILES_PATH}/{image_id}.{output_format}"
+
+    return url_of
+
+
+def _store(request: Request) -> ImageStore:
+    """The app's image store, made on first use (only servers answering by URL have one)."""
+    store: ImageStore | None = getattr(request.app.state, "openai_image_store", None)
+    if store is None:
+        settings = request.app.state.sd.settings
+        store = ImageStore(settings.openai_image_ttl_s, settings.openai_image_store_bytes)
+        request.app.state.openai_image_store = store
+    return store
+
+
+@router.get(
+    FILES_PATH + "/{name}",
+    summary="Download an image answered by URL (response_format url)",
+    operation_id="OpenAIImagesFile",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}},
+)
+async def image_file(request: Request, name: str) -> Response:
+    """No key: the unguessable name is the permission, as with OpenAI's image URLs. Gone after the TTL."""
+    image_id, _, ext = name.partition(".")
+    store: ImageStore | None = getattr(request.app.state, "openai_image_store", None)
+    image = store.get(image_id) if store is not None else None
+    if image is None or MEDIA_TYPES.get(ext) != image.media_type:
+        raise _NotFound(f"{FILES_PATH}/{name[:80]} does not exist or has expired.")
+    return Response(
+        image.data,
+        media_type=image.media_type,
+        headers={"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def _size_of(records: list[dict[str, Any]], params: dict[str, Any]) -> str:

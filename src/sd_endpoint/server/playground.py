@@ -21,7 +21,7 @@ from sd_endpoint import contract
 from sd_endpoint.jobs import SCHEDULER_NAMES
 
 if TYPE_CHECKING:
-    from sd_endpoint.server.app import ServerState
+    from sd_endpoint.server.state import ServerState
 
 PATH = "/playground"
 _PLACEHOLDER = "/*CONFIG*/null"

@@ -3,39 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from sd_endpoint import metrics
-from sd_endpoint.batching import AdmissionControl, BatchClient
-from sd_endpoint.contract import ErrorBody, ImageRecord, ScoreRequest, ScoringRequest
+from sd_endpoint.contract import ErrorBody, ImageRecord, ScoreRequest
 from sd_endpoint.errors import (
     EndpointError,
     GenerationCancelled,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
-    ServiceUnavailable,
     UnsupportedMediaType,
 )
 from sd_endpoint.jobs import CancelToken
 from sd_endpoint.server import openapi
+from sd_endpoint.server.admission import AdmissionControl
+from sd_endpoint.server.auth import require_key
+from sd_endpoint.server.microbatch import Job, MicroBatcher
 from sd_endpoint.server.middleware import STATE_KEY
-from sd_endpoint.service import GenerationService, ScoreResult
+from sd_endpoint.service import ScoreResult, Scoring
 
 if TYPE_CHECKING:
-    from sd_endpoint.server.app import ServerState
+    from sd_endpoint.server.state import ServerState
 
 router = APIRouter()
 
-# How often a waiting request looks whether its client is still connected.
-DISCONNECT_POLL_S = 0.1
 # After a refused body (413) we still read up to this much of it, so that the client gets the 413 rather
 # than a connection reset (closing a socket with unread data resets it); bigger bodies are cut off.
 _DRAIN_LIMIT = 8 * 1024 * 1024
@@ -114,12 +111,15 @@ SCORE_OPENAPI_EXTRA: dict[str, Any] = {
     response_class=PlainTextResponse,
     summary="Liveness",
     operation_id="ServiceHealthCheck",
-    responses={200: {"content": {"text/plain": {"example": "Healthy"}}}, 503: _error("The model failed to load.")},
+    responses={
+        200: {"content": {"text/plain": {"example": "Healthy"}}},
+        503: _error("The model failed to load, or the generation worker stopped: restart."),
+    },
 )
 async def liveness(request: Request) -> Response:
     """`Healthy` while the process can serve, including while the model loads."""
     state = _state(request)
-    if state.phase == "failed":
+    if not state.alive:  # the model failed to load, or the worker died: the platform should restart us
         raise state.not_ready(detail=state.keys.allows(request.headers.get("authorization")))
     return PlainTextResponse("Healthy")
 
@@ -130,7 +130,10 @@ async def liveness(request: Request) -> Response:
     operation_id="Readiness",
     responses={
         200: {"description": "Loaded and warmed up: what was loaded and why.", "content": {"application/json": {}}},
-        503: _error("Loading, warming up, failed, or shutting down.", headers=_RETRY_AFTER),
+        503: _error(
+            "Loading, warming up, failed, shutting down, or the model's device failed its health check.",
+            headers=_RETRY_AFTER,
+        ),
     },
 )
 async def readiness(request: Request) -> Response:
@@ -138,7 +141,7 @@ async def readiness(request: Request) -> Response:
     state = _state(request)
     # Without the key (when keys are set) only whether and why: the model's path and build stay private.
     full = state.keys.allows(request.headers.get("authorization"))
-    if state.phase != "ready" or state.service is None:
+    if not await state.healthy() or state.service is None:
         raise state.not_ready(detail=full)
     if not full:
         return JSONResponse({"status": "ready"})
@@ -157,12 +160,12 @@ async def readiness(request: Request) -> Response:
     summary="Prometheus metrics",
     operation_id="Metrics",
     responses={200: {"content": {"text/plain": {}}}, 401: _error("Missing or wrong key (when keys are set).")},
+    dependencies=[Depends(require_key)],
 )
 async def prometheus(request: Request) -> Response:
     """Prometheus text format. Needs the key when SD_ENDPOINT_KEYS is set (it names the model and load)."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    _state(request).keys.check(request.headers.get("authorization"))
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -203,103 +206,159 @@ async def score_options() -> Response:
     operation_id="RunMLService",
     responses=SCORE_RESPONSES,
     openapi_extra=SCORE_OPENAPI_EXTRA,
+    dependencies=[Depends(require_key)],
 )
 async def score(request: Request) -> Response:
     state = _state(request)
-    state.keys.check(request.headers.get("authorization"))
     check_content_type(request.headers.get("content-type"))
+    started = time.perf_counter()
     body = await read_body(request, state.settings.max_body_bytes)
-    result = await run_score(request, body)
+    result = await run_score(request, body, read_s=time.perf_counter() - started)
     return JSONResponse(result.records, headers=result.headers)
 
 
-async def run_score(request: Request, body: bytes | dict[str, Any]) -> ScoreResult:
+async def run_score(request: Request, body: bytes | dict[str, Any], *, read_s: float = 0.0) -> ScoreResult:
     """Validate a contract body and run it through admission, the micro-batcher and the service.
 
     The one entry every generating route takes (/score, and /v1/images/* once translated to the contract),
     so that they share readiness, limits, batching, screening, timeouts and the request's log line.
+    This coroutine decides the request's fate: its answer, or the 408/499 when the deadline or the client's
+    disconnect wins the race against the work.
     """
     state = _state(request)
     info = _log_info(request)
-    service = state.require_ready()
-    scoring = service.parse(body)
-    info["images"] = scoring.image_count
-    info["steps"] = scoring.spec.steps
-    info["size"] = f"{scoring.spec.width}x{scoring.spec.height}"
+    service, admission, batcher = state.serving()
+    timings = {"read": read_s} if read_s else {}
+    started = time.perf_counter()
+    # Off the event loop: decoding a body's input images (image-to-image, inpainting) takes up to seconds.
+    scoring = service.begin(await asyncio.to_thread(service.parse, body))
+    timings["parse"] = time.perf_counter() - started
+    spec = scoring.spec
+    info.update(images=scoring.request.image_count, steps=spec.steps, size=f"{spec.width}x{spec.height}")
     if state.settings.log_prompts:
-        info["prompts"] = [r.prompt[:_LOGGED_PROMPT_CHARS] for r in scoring.rows]
+        info["prompts"] = [r.prompt[:_LOGGED_PROMPT_CHARS] for r in scoring.request.rows]
     token = service.new_cancel_token()
-    admission, batcher = state.admission, state.batcher
-    assert admission is not None and batcher is not None  # require_ready checked
-    waited = await admission.acquire(token.deadline)
-    held_from = time.monotonic()
-    client = batcher.client()
-    loop = asyncio.get_running_loop()
-    ctx = contextvars.copy_context()  # the request id follows the work into the thread
+    work = _Work(scoring, token, admission, batcher)
     try:
-        work = loop.run_in_executor(state.executor, ctx.run, _score_blocking, service, scoring, token, client)
-    except RuntimeError:  # the executor was shut down: we are stopping
-        client.close()
-        admission.release()
-        raise ServiceUnavailable("The server is shutting down.") from None
-    # The slot is held until the thread is done, even when the response (408/499) goes out first.
-    work.add_done_callback(functools.partial(_work_done, admission, held_from))
-    try:
-        result = await supervise(request, work, token, state.settings.request_timeout_ms)
+        await with_cancellation(request, work.run(), token, state.settings.request_timeout_ms)
     except EndpointError:
         info["steps_done"] = token.steps_done
         raise
-    queue_s = waited + client.queue_s
-    metrics.QUEUE_SECONDS.observe(queue_s)
-    timings = {"queue": queue_s, **result.timings}
+    result = work.result
+    assert result is not None  # run() returned
+    metrics.QUEUE_SECONDS.observe(work.queue_s)
+    timings.update(queue=work.queue_s, **scoring.timings)
     info.update(
         images=result.images,
         steps=result.steps,
         blocked=result.blocked,
-        batch_requests=client.batch_requests,
-        batch_images=client.batch_images,
+        batch_requests=work.batch_requests,
+        batch_images=work.batch_images,
         timings_ms={k: round(v * 1000, 1) for k, v in timings.items()},
     )
     return result
 
 
-def _score_blocking(
-    service: GenerationService, scoring: ScoringRequest, token: CancelToken, client: BatchClient
-) -> ScoreResult:
-    with client:
-        return service.score(scoring, token, client.generate)
+class _Work:
+    """One request's stages on the event loop: a slot, then each stage in order (blocking ones in a
+    short-lived thread, generation on the batcher's worker), holding the slot until the worker is done."""
 
+    def __init__(
+        self, scoring: Scoring, token: CancelToken, admission: AdmissionControl, batcher: MicroBatcher
+    ) -> None:
+        self.scoring = scoring
+        self.token = token
+        self.admission = admission
+        self.batcher = batcher
+        self.queue_s = 0.0  # admission wait + the wait for the worker
+        self.batch_requests = 0
+        self.batch_images = 0
+        self.result: ScoreResult | None = None
 
-def _work_done(admission: AdmissionControl, held_from: float, work: asyncio.Future[ScoreResult]) -> None:
-    admission.release(time.monotonic() - held_from)
-    if not work.cancelled():
-        work.exception()  # mark it retrieved: a late error after a 408 is expected, not "never retrieved"
-
-
-async def supervise(
-    request: Request, work: asyncio.Future[ScoreResult], token: CancelToken, timeout_ms: int
-) -> ScoreResult:
-    """Wait for the work while watching the deadline and the client; both stop the generation."""
-    try:
-        while True:
-            wait = DISCONNECT_POLL_S
-            if token.deadline is not None:
-                wait = max(0.0, min(wait, token.deadline - time.monotonic()))
-            done, _ = await asyncio.wait({work}, timeout=wait)
-            if done:
+    async def run(self) -> None:
+        scoring, token = self.scoring, self.token
+        slot = await self.admission.acquire(token.deadline)
+        self.queue_s = slot.waited_s
+        ticket = self.batcher.ticket()
+        job: Job | None = None
+        try:
+            # 1. Screen the prompts (a network call, when screening is on).
+            if scoring.screening:
+                await asyncio.to_thread(scoring.screen_prompts)
+            # 2. Generate, on the worker that owns the model.
+            tasks = scoring.tasks()
+            if tasks:
+                submitted = time.perf_counter()
+                job = self.batcher.submit(scoring.spec, tasks, token, ticket)
                 try:
-                    return work.result()
-                except RequestTimeout:
-                    raise _timed_out(token, timeout_ms) from None
-            if token.deadline is not None and time.monotonic() >= token.deadline:
-                # The worker sees the same deadline and stops at its next denoising step.
-                raise _timed_out(token, timeout_ms)
-            if await request.is_disconnected():
-                token.cancel("client disconnected")
-                raise GenerationCancelled("The client closed the connection; the generation was stopped.")
-    except asyncio.CancelledError:
+                    outcome = await job.result
+                except asyncio.CancelledError:  # the deadline or the client won the race
+                    self.batcher.withdraw(job, GenerationCancelled("The request is gone."))
+                    raise
+                waited = time.perf_counter() - submitted
+                scoring.take(outcome.result, generate_s=outcome.generate_s)
+                self.queue_s += max(0.0, waited - outcome.generate_s)
+                self.batch_requests, self.batch_images = outcome.batch_requests, outcome.batch_images
+            ticket.close()
+            # 3. Encode, 4. screen the images, 5. the records.
+            await asyncio.to_thread(scoring.encode)
+            if scoring.screening:
+                await asyncio.to_thread(scoring.screen_images)
+            self.result = scoring.result()
+        finally:
+            ticket.close()
+            # The slot is held until the worker is done with the job, even when a 408/499 went out first.
+            if job is None:
+                slot.release()
+            else:
+                job.when_finished(slot.release)
+
+
+async def with_cancellation(
+    request: Request, work: Coroutine[Any, Any, None], token: CancelToken, timeout_ms: int
+) -> None:
+    """Race ``work`` against the client's disconnect and the request deadline; the first to finish decides.
+
+    The loser is cancelled (the work stops at its next await; the token stops the generation at its next
+    denoising step). No polling: the listener waits on the ASGI receive channel, the deadline is a timeout.
+    """
+    handler = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_disconnected(request))
+    timeout = None if token.deadline is None else max(0.0, token.deadline - time.monotonic())
+    try:
+        done, _ = await asyncio.wait({handler, listener}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # uvicorn gave up on us (shutdown grace passed)
         token.cancel("server shutting down")
+        handler.cancel()
+        listener.cancel()
         raise
+    listener.cancel()
+    if handler in done:
+        try:
+            handler.result()
+        except RequestTimeout:
+            raise _timed_out(token, timeout_ms) from None
+        return
+    handler.cancel()
+    handler.add_done_callback(_retrieve)
+    if listener in done:
+        token.cancel("client disconnected")
+        raise GenerationCancelled("The client closed the connection; the generation was stopped.")
+    token.cancel("timeout")
+    raise _timed_out(token, timeout_ms)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: nothing else can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # a late error after the 408/499 is expected, not "never retrieved"
 
 
 def _timed_out(token: CancelToken, timeout_ms: int) -> RequestTimeout:
@@ -318,8 +377,12 @@ def check_content_type(value: str | None) -> None:
         raise UnsupportedMediaType(f"Content-Type must be application/json (got {media_type!r}).")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes (413) whether or not Content-Length says so."""
+async def read_body(request: Request, limit: int, chunk_timeout_s: float | None = None) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes (413) whether or not Content-Length says so, and
+    (408) a client that lets ``chunk_timeout_s`` pass without sending the next chunk: a connection that
+    declares a body and trickles it must not hold a socket open for ever. Default: the app's setting."""
+    if chunk_timeout_s is None:
+        chunk_timeout_s = _state(request).settings.body_read_timeout_s
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -333,7 +396,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     received = 0
     stream = request.stream()
-    async for chunk in stream:
+    while True:
+        try:
+            async with asyncio.timeout(chunk_timeout_s):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body did not arrive: no data for {chunk_timeout_s:g} s after {received} bytes "
+                "(SD_ENDPOINT_BODY_READ_TIMEOUT_S)."
+            ) from None
         received += len(chunk)
         if received > limit:
             await _drain(stream, _DRAIN_LIMIT - received)
