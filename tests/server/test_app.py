@@ -78,6 +78,18 @@ def test_metrics_endpoint_counts_requests_by_route_and_status(client: TestClient
     before = sample("sd_requests_total", route="/score", status="200")
     before_bad = sample("sd_requests_total", route="/score", status="400")
     before_images = sample("sd_images_generated_total")
+    # Each of these must move with one generated request (a name in the text proves nothing: every
+    # metric is registered, with its HELP line, at import).
+    moved = {
+        "sd_request_seconds_count": {"route": "/score"},
+        "sd_queue_wait_seconds_count": {},
+        "sd_generation_seconds_count": {},
+        "sd_encode_seconds_count": {},
+        "sd_batch_size_images_count": {},
+        "sd_batch_size_requests_count": {},
+        "sd_denoising_steps_total": {},
+    }
+    before_moved = {name: sample(name, **labels) for name, labels in moved.items()}
     client.post("/score", json=body(num_images_per_prompt=2))
     client.post("/score", content=b"{")
     text = client.get("/metrics").text
@@ -85,22 +97,10 @@ def test_metrics_endpoint_counts_requests_by_route_and_status(client: TestClient
     assert sample("sd_requests_total", route="/score", status="200") == before + 1
     assert sample("sd_requests_total", route="/score", status="400") == before_bad + 1
     assert sample("sd_images_generated_total") == before_images + 2
-    for name in (
-        "sd_request_seconds",
-        "sd_queue_wait_seconds",
-        "sd_generation_seconds",
-        "sd_encode_seconds",
-        "sd_batch_size_images",
-        "sd_batch_size_requests",
-        "sd_denoising_steps_total",
-        "sd_denoising_steps_per_second",
-        "sd_requests_in_flight",
-        "sd_requests_queued",
-        "sd_model_load_seconds",
-        "sd_ready",
-        "sd_content_blocked_total",
-    ):
-        assert name in text, name
+    for name, labels in moved.items():
+        assert sample(name, **labels) > before_moved[name], name
+    assert sample("sd_denoising_steps_per_second") > 0
+    assert (sample("sd_requests_in_flight"), sample("sd_requests_queued"), sample("sd_ready")) == (0, 0, 1)
     assert client.get("/nope/deeper").status_code == 404
     assert 'route="unmatched"' in client.get("/metrics").text  # unknown paths share one label
 
