@@ -43,6 +43,9 @@ class _Runner(Protocol):
 
 class _InProcess:
     def __init__(self) -> None:
+        from sd_endpoint.cpu_policy import prefer_passive_waits
+
+        prefer_passive_waits()  # before the runner imports torch (see sd_endpoint.cpu_policy)
         from sd_endpoint.batch import BatchRunner
         from sd_endpoint.logs import setup_logging
         from sd_endpoint.settings import load_settings

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
 from typing import Any
 
-from azureml_inference_server_http.api.aml_request import AMLRequest, rawhttp
-from azureml_inference_server_http.api.aml_response import AMLResponse
+from sd_endpoint.cpu_policy import prefer_passive_waits, share_cores_between_workers
 
-from sd_endpoint.errors import EndpointError, UnsupportedMediaType
-from sd_endpoint.logs import request_id, setup_logging
-from sd_endpoint.service import GenerationService
-from sd_endpoint.settings import load_settings
+prefer_passive_waits()  # before anything imports torch (see sd_endpoint.cpu_policy)
+
+from azureml_inference_server_http.api.aml_request import AMLRequest, rawhttp  # noqa: E402
+from azureml_inference_server_http.api.aml_response import AMLResponse  # noqa: E402
+
+from sd_endpoint.errors import EndpointError, RequestTimeout, UnsupportedMediaType  # noqa: E402
+from sd_endpoint.logs import request_id, setup_logging  # noqa: E402
+from sd_endpoint.service import GenerationService  # noqa: E402
+from sd_endpoint.settings import load_settings  # noqa: E402
 
 log = logging.getLogger("sd_endpoint.score")
 _service: GenerationService | None = None
@@ -29,8 +34,17 @@ def init() -> None:
     global _service
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format, defer_to_host=True)
+    # azmlinfsrv runs WORKER_COUNT processes, each with its own model: each gets its share of the cores.
+    share_cores_between_workers(_worker_count())
     _service = GenerationService.from_settings(settings)
     _service.warmup()
+
+
+def _worker_count() -> int:
+    try:
+        return max(1, int(os.environ.get("WORKER_COUNT", "1")))
+    except ValueError:
+        return 1  # azmlinfsrv itself rejects such a value before calling init()
 
 
 @rawhttp
@@ -60,6 +74,12 @@ def run(request: AMLRequest) -> AMLResponse:
             },
         )
         return _json(result.records, 200, result.headers)
+    except RequestTimeout as exc:
+        # azure-ai-ml's online_endpoints.invoke() turns every 408 into a TypeError (it builds its timeout error
+        # without a message), while a 500 becomes a readable HttpResponseError. azmlinfsrv answers its own
+        # scoring timeout (SCORING_TIMEOUT_MS) with 500 {"message": ...}: this one is answered the same way.
+        log.info("request timed out: %s", exc.message, extra={"status": 500})
+        return _json({"message": f"Scoring timeout: {exc.body()['message']}"}, 500, exc.headers, failed=True)
     except EndpointError as exc:
         log.info("request failed: %s", exc.message, extra={"status": exc.status_code})
         return _json(exc.body(), exc.status_code, exc.headers, failed=exc.status_code >= 500)

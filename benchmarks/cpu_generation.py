@@ -182,7 +182,7 @@ def main() -> int:
         # Another pipeline over ours' weights (no extra memory) with its own UNet module objects, so that the
         # step clock's hook on ours' UNet stays out of the compiled graph.
         components = {k: v for k, v in ours.pipe.components.items() if k not in ("safety_checker", "feature_extractor")}
-        components["unet"] = shared_copy(ours._raw_unet)
+        components["unet"] = shared_copy(ours.raw_unet)
         shared = StableDiffusionPipeline(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
@@ -194,7 +194,7 @@ def main() -> int:
             raise SystemExit(f"torch.compile failed: {compiled.describe()['optimisations']}")
     runs: dict[str, tuple[Any, Any, Any]] = {
         "diffusers default (fp32)": (run_baseline, baseline, StepClock(baseline.unet)),
-        "ours": (run_ours, ours, StepClock(ours._raw_unet)),
+        "ours": (run_ours, ours, StepClock(ours.raw_unet)),
     }
     if args.ablation:
         plain = DiffusersBackend(
@@ -203,7 +203,7 @@ def main() -> int:
             ),
             optimise=False,
         )
-        runs["plain bf16 (ablation)"] = (run_ours, plain, StepClock(plain._raw_unet))
+        runs["plain bf16 (ablation)"] = (run_ours, plain, StepClock(plain.raw_unet))
 
     if compiled is not None:
         runs["ours + torch.compile"] = (run_ours, compiled, StepClock(compiled.runner))

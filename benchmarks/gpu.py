@@ -2,15 +2,18 @@
 
 Configurations, each loaded fresh (fast loader, fp16) and measured after its own warm-up:
 
-* ``diffusers fp16 (plain)``: StableDiffusionPipeline as from_pretrained gives it (SDPA), eager: the baseline;
-* ``ours: diffusers``: the service's diffusers path - channels-last, fused QKV, cuDNN autotune, a CUDA graph
-  per warm shape (SD_ENDPOINT_CUDA_GRAPHS);
-* ``ours: diffusers + torch.compile``: the same over a compiled UNet (SD_ENDPOINT_COMPILE; compiled for
-  ``--compile-batches`` only, other batches run eagerly as the service would);
-* ``ours: deepspeed``: SD_ENDPOINT_BACKEND=deepspeed (DeepSpeed kernels, graphs, self-check), or the reason it
-  could not start;
-* optional (``--configs``): ``auto`` (what SD_ENDPOINT_BACKEND=auto picks, and why), and the ablations
-  ``nofuse`` (no fused QKV) and ``nographs`` (no CUDA graphs).
+* ``plain``: StableDiffusionPipeline as from_pretrained gives it (SDPA), eager: the baseline;
+* ``default``: what the service builds with default settings (backends.selection.build_backend:
+  SD_ENDPOINT_BACKEND=auto, SD_ENDPOINT_COMPILE=auto - a compiled UNet under a CUDA graph per warm shape,
+  fused QKV, cuDNN autotune), warm shapes = the measured batches;
+* ``fp8``: the default plus SD_ENDPOINT_PRECISION=fp8 (or the reason it was refused);
+* ``deepcache``: the default's backend with ``cache_interval`` 3 per request (DeepCache; eager UNet);
+* ``deepspeed``: SD_ENDPOINT_BACKEND=deepspeed (DeepSpeed kernels, graphs, per-layer and end-to-end
+  checks), or the reason it could not start; its peak memory includes DeepSpeed's workspace (a raw
+  cudaMalloc that torch's statistics do not see);
+* optional (``--configs``): ``diffusers`` (ours without compile), ``nofuse`` (no fused QKV), ``nographs``
+  (no CUDA graphs), and ``startup``: time to ready of the default in fresh processes - first start with an
+  empty compile cache, warm restart with the filled one, and an uncompiled start for comparison.
 
 For every cell: seconds per image, images per hour, the fraction of the FLOP floor (4.30 TFLOP per step for
 the two UNet rows of one image plus 5.75 TFLOP for its VAE decode, at the GPU's dense fp16 peak), the peak
@@ -20,7 +23,7 @@ GPU memory of that configuration, and the difference of the seed's image from an
 bounded by ``--budget-s``: cells not started in time are listed as skipped. It builds the full-size random
 model when ``--model`` is not given.
 
-    python benchmarks/gpu.py --model /tmp/sd21-full            # on a GPU machine (about 2.5 minutes on an H200)
+    python benchmarks/gpu.py --model /tmp/sd21-full            # on a GPU machine (see benchmarks/gpu_check.sh)
     python benchmarks/gpu.py --dry-run                          # CPU, tiny model: checks the script itself
 """
 
@@ -29,6 +32,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,7 +59,7 @@ class Cell:
     batch: int
     s_per_image: float | None = None
     floor_fraction: float | None = None
-    peak_gib: float | None = None
+    peak_gib: float | None = None  # torch's peak allocation plus DeepSpeed's workspace
     pixel_mae: float | None = None
     pixel_max: float | None = None
     pixel_mae_plain: float | None = None
@@ -121,55 +127,107 @@ def free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def build(config: str, args: argparse.Namespace, folder: Path, batches: list[int]) -> Any:
+def settings_for(args: argparse.Namespace, folder: Path, batches: list[int], **overrides: Any) -> Any:
+    from sd_endpoint.settings import load_settings
+
+    shapes = ",".join(f"{args.size}x{args.size}x{b}" for b in batches)
+    values: dict[str, Any] = {
+        "model": str(folder),
+        "device": args.device,
+        "dtype": args.dtype,
+        "cache_dir": args.cache_dir,
+        "warm_shapes": shapes,
+        **overrides,
+    }
+    return load_settings(**values)
+
+
+def build(key: str, args: argparse.Namespace, folder: Path, batches: list[int]) -> Any:
     """The backend for one configuration; raises with the reason when it cannot start."""
     from sd_endpoint.backends.diffusers_backend import DiffusersBackend
     from sd_endpoint.backends.selection import build_backend
-    from sd_endpoint.settings import load_settings
 
     pipe = load(folder, args.device, args.dtype, args.cache_dir)
     shapes = [(args.size, args.size, b) for b in batches]
-    if config == "diffusers fp16 (plain)":
+    if key == "plain":
         return DiffusersBackend(pipe, optimise=False, cuda_graphs=False)
-    if config == "ours: diffusers":
-        backend = DiffusersBackend(pipe)
-        backend.warm(shapes)
-        return backend
-    if config == "ours: diffusers, no fused QKV (ablation)":
-        backend = DiffusersBackend(pipe, fuse_qkv=False)
-        backend.warm(shapes)
-        return backend
-    if config == "ours: diffusers, no CUDA graphs (ablation)":
-        return DiffusersBackend(pipe, cuda_graphs=False)
-    if config == "ours: auto":
-        settings = load_settings(
-            model=str(folder),
-            device=args.device,
-            dtype=args.dtype,
-            cache_dir=args.cache_dir,
-            backend="auto",
-            warm_shapes=",".join(f"{h}x{w}x{b}" for h, w, b in shapes),
-        )
-        return build_backend(settings, pipe)
-    if config == "ours: diffusers + torch.compile":
-        backend = DiffusersBackend(pipe, compile=True)
-        backend.warm([(args.size, args.size, b) for b in args.compile_batches if b in batches])
-        return backend
-    if config == "ours: deepspeed":
-        settings = load_settings(
-            model=str(folder),
-            device=args.device,
-            dtype=args.dtype,
-            cache_dir=args.cache_dir,
-            backend="deepspeed",
-            warm_shapes=",".join(f"{h}x{w}x{b}" for h, w, b in shapes),
-        )
-        return build_backend(settings, pipe)
-    raise ValueError(config)
+    if key in ("default", "deepcache"):
+        return build_backend(settings_for(args, folder, batches), pipe, source="bench")
+    if key == "fp8":
+        return build_backend(settings_for(args, folder, batches, precision="fp8"), pipe, source="bench")
+    if key == "deepspeed":
+        return build_backend(settings_for(args, folder, batches, backend="deepspeed", compile="off"), pipe)
+    if key == "diffusers":
+        return build_backend(settings_for(args, folder, batches, backend="diffusers", compile="off"), pipe)
+    backend = DiffusersBackend(pipe, fuse_qkv=key != "nofuse", cuda_graphs=key != "nographs")
+    backend.warm(shapes)
+    return backend
+
+
+def workspace_gib(backend: Any) -> float:
+    """DeepSpeed's workspace, which torch.cuda.max_memory_allocated cannot see."""
+    fast = getattr(backend, "fast", None)
+    return float(getattr(fast, "workspace_bytes", 0)) / 2**30
+
+
+def startup_probe() -> int:
+    """In a fresh process: load and build the default backend; print the seconds to ready as JSON."""
+    started = time.perf_counter()
+    from sd_endpoint.backends import create_backend
+    from sd_endpoint.settings import load_settings
+
+    backend = create_backend(load_settings())
+    print(json.dumps({"ready_s": time.perf_counter() - started, "optimisations": backend.describe()["optimisations"]}))
+    return 0
+
+
+def startups(args: argparse.Namespace, folder: Path, batches: list[int], deadline: float) -> dict[str, Any]:
+    """First start (empty compile cache), warm restart (filled cache), uncompiled start; fresh processes."""
+    cache = Path(tempfile.mkdtemp(prefix="gpu-bench-compile-"))
+    shapes = ",".join(f"{args.size}x{args.size}x{b}" for b in batches)
+    base = {
+        **os.environ,
+        "SD_ENDPOINT_MODEL": str(folder),
+        "SD_ENDPOINT_DEVICE": args.device,
+        "SD_ENDPOINT_DTYPE": args.dtype,
+        "SD_ENDPOINT_CACHE_DIR": str(args.cache_dir),
+        "SD_ENDPOINT_WARM_SHAPES": shapes,
+        "SD_ENDPOINT_COMPILE_CACHE": str(cache),
+    }
+    out: dict[str, Any] = {}
+    runs = [("first start", {}), ("warm restart", {}), ("uncompiled start", {"SD_ENDPOINT_COMPILE": "off"})]
+    for name, env in runs:
+        left = deadline - time.perf_counter()
+        if left < 10:
+            out[name] = {"error": "skipped: time budget"}
+            continue
+        try:
+            done = subprocess.run(
+                [sys.executable, __file__, "--startup-probe"],
+                env={**base, **env},
+                capture_output=True,
+                text=True,
+                timeout=left,
+            )
+        except subprocess.TimeoutExpired:
+            out[name] = {"error": f"not ready within the {left:.0f} s left"}
+            continue
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        out[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-500:]}
+        print(f"startup: {name}: {out[name]}", flush=True)
+    return out
 
 
 def measure(
-    backend: Any, args: argparse.Namespace, name: str, steps: int, batch: int, ref: Any, cell: Cell, peak: float | None
+    backend: Any,
+    args: argparse.Namespace,
+    name: str,
+    steps: int,
+    batch: int,
+    ref: Any,
+    cell: Cell,
+    peak: float | None,
+    cache_interval: int = 1,
 ) -> Any:
     """Time one cell; returns the seed's image (as an array)."""
     import numpy as np
@@ -177,9 +235,10 @@ def measure(
 
     from sd_endpoint.jobs import GenerationSpec, ImageTask
 
-    spec = GenerationSpec(args.size, args.size, steps, 7.5, name, 0.0)  # type: ignore[arg-type]
+    spec = GenerationSpec(args.size, args.size, steps, 7.5, name, 0.0, cache_interval=cache_interval)  # type: ignore[arg-type]
     tasks = [ImageTask(PROMPT, NEGATIVE, SEED + i) for i in range(batch)]
-    backend.generate(GenerationSpec(args.size, args.size, 2, 7.5, name, 0.0), tasks)  # type: ignore[arg-type]
+    warm = GenerationSpec(args.size, args.size, 2, 7.5, name, 0.0, cache_interval=cache_interval)  # type: ignore[arg-type]
+    backend.generate(warm, tasks)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     sync(args.device)
@@ -192,7 +251,7 @@ def measure(
         floor = batch * (steps * UNET_TFLOP_PER_STEP + VAE_TFLOP) / peak
         cell.floor_fraction = floor / seconds
     if args.device.startswith("cuda"):
-        cell.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        cell.peak_gib = torch.cuda.max_memory_allocated() / 2**30 + workspace_gib(backend)
     image = np.asarray(result.images[0], dtype=float)
     diff = np.abs(image - ref)
     cell.pixel_mae, cell.pixel_max = float(diff.mean()), float(diff.max())
@@ -201,7 +260,9 @@ def measure(
     return image
 
 
-def report(configs: list[Config], args: argparse.Namespace, info: dict[str, Any]) -> None:
+def report(
+    configs: list[Config], args: argparse.Namespace, info: dict[str, Any], starts: dict[str, Any] | None = None
+) -> None:
     """Print (and save) everything measured so far: called after each configuration, so a run cut short
     still leaves its table."""
     rows = []
@@ -243,7 +304,7 @@ def report(configs: list[Config], args: argparse.Namespace, info: dict[str, Any]
                 "images/hour",
                 "vs plain fp16",
                 "of FLOP floor",
-                "peak GPU GiB",
+                "peak GPU GiB (incl. DS workspace)",
                 "pixel MAE vs fp32",
                 "pixel max",
                 "pixel MAE vs plain fp16",
@@ -256,9 +317,12 @@ def report(configs: list[Config], args: argparse.Namespace, info: dict[str, Any]
         "\nStart-up per configuration (load + warm-up/capture/compile): "
         + "; ".join(f"{c.name} {c.startup_s:.1f} s" + (f" ({c.note})" if c.note else "") for c in configs)
     )
+    if starts:
+        print("Time to ready in a fresh process: " + "; ".join(f"{k} {v.get('ready_s', v)}" for k, v in starts.items()))
     if args.json:
         cells = [c.__dict__ | {"cells": [x.__dict__ for x in c.cells]} for c in configs]
-        args.json.write_text(json.dumps({"machine": info, "configs": cells}, indent=2, default=str))
+        payload = {"machine": info, "configs": cells, "startup": starts or {}}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
 
 
 def main() -> int:
@@ -267,15 +331,18 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--size", type=int, default=768)
     parser.add_argument("--batches", default="1,2,4")
-    parser.add_argument("--compile-batches", default="1", help="Batches torch.compile is warmed for.")
     parser.add_argument("--ddim-steps", type=int, default=50)
     parser.add_argument("--dpm-steps", type=int, default=25)
-    parser.add_argument("--configs", default="plain,diffusers,deepspeed,compile")
+    parser.add_argument("--configs", default="plain,default,fp8,deepcache,deepspeed,startup")
+    parser.add_argument("--cache-interval", type=int, default=3, help="DeepCache interval of the deepcache config.")
     parser.add_argument("--peak-tflops", type=float, help="Dense fp16 peak, if the GPU is not in the table.")
     parser.add_argument("--budget-s", type=float, default=330.0, help="No new cell starts after this.")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, 64x64, 2 steps: checks the script.")
+    parser.add_argument("--startup-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.startup_probe:
+        return startup_probe()
     started = time.perf_counter()
 
     import torch
@@ -287,14 +354,14 @@ def main() -> int:
         folder = write_demo_model(tmp / "tiny", cache_dir=args.cache_dir)
         args.device, args.dtype, args.size = "cpu", "float32", 64
         args.ddim_steps = args.dpm_steps = 2
-        args.batches = "1,2"
+        args.batches = "1"
+        args.budget_s = max(args.budget_s, 3600.0)  # the dry run checks every part; its caller bounds the time
     else:
         if not torch.cuda.is_available():
             raise SystemExit("No CUDA device: run with --dry-run to check the script on a CPU.")
         folder = full_size_model(args.model, args.cache_dir)
         args.device, args.dtype = "cuda", "float16"
     batches = [int(b) for b in args.batches.split(",")]
-    args.compile_batches = [int(b) for b in args.compile_batches.split(",")]
     schedulers = [("ddim", args.ddim_steps), ("dpm_solver_multistep", args.dpm_steps)]
     info = machine()
     print_machine(info)
@@ -310,37 +377,37 @@ def main() -> int:
 
     names = {
         "plain": "diffusers fp16 (plain)",
-        "diffusers": "ours: diffusers",
+        "default": "ours: default",
+        "fp8": "ours: default + fp8",
+        "deepcache": f"ours: default + DeepCache {args.cache_interval}",
         "deepspeed": "ours: deepspeed",
-        "compile": "ours: diffusers + torch.compile",
-        "auto": "ours: auto",
+        "diffusers": "ours: diffusers, no compile",
         "nofuse": "ours: diffusers, no fused QKV (ablation)",
         "nographs": "ours: diffusers, no CUDA graphs (ablation)",
     }
+    keys = args.configs.split(",")
     configs: list[Config] = []
     plain_images: dict[tuple[str, int], Any] = {}
-    for key in args.configs.split(","):
+    starts: dict[str, Any] = {}
+    for key in [k for k in keys if k != "startup"]:
         config = Config(names[key])
         configs.append(config)
-        if args.dry_run and key == "compile":
-            config.note = "skipped in the dry run (compiling takes minutes on a CPU)"
-            continue
-        left = args.budget_s - (time.perf_counter() - started)
-        if left < 0 or (key == "compile" and left < 150):  # compiling alone takes a minute or two
+        if time.perf_counter() - started > args.budget_s:
             config.note = "skipped: time budget"
             continue
         t0 = time.perf_counter()
         try:
-            backend = build(config.name, args, folder, batches)
+            backend = build(key, args, folder, batches)
         except Exception as exc:  # noqa: BLE001 - report why a configuration could not start, keep going
             config.note = f"could not start: {type(exc).__name__}: {str(exc)[:300]}"
             print(f"{config.name}: {config.note}", flush=True)
             free(args.device)
             continue
         config.startup_s = time.perf_counter() - t0
-        reason = backend.describe().get("backend_reason", "")
-        config.note = f"{backend.describe().get('backend')}: {reason}" if reason else ""
+        info_b = backend.describe()
+        config.note = f"{info_b.get('backend')}: {info_b.get('backend_reason', '')}; {info_b.get('optimisations', '')}"
         print(f"{config.name}: ready in {config.startup_s:.1f} s {config.note}", flush=True)
+        interval = args.cache_interval if key == "deepcache" else 1
         for sched, steps in schedulers:
             for batch in batches:
                 cell = Cell(config.name, sched, steps, batch)
@@ -348,17 +415,24 @@ def main() -> int:
                 if time.perf_counter() - started > args.budget_s:
                     cell.note = "skipped: time budget"
                     continue
-                image = measure(backend, args, sched, steps, batch, refs[sched], cell, peak)
+                image = measure(backend, args, sched, steps, batch, refs[sched], cell, peak, interval)
                 if key == "plain":
                     plain_images[(sched, batch)] = image
                 elif (sched, batch) in plain_images:  # same precision: shows what our changes alone do
                     cell.pixel_mae_plain = float(abs(image - plain_images[(sched, batch)]).mean())
                 print(f"  {sched} {steps} steps, batch {batch}: {cell.s_per_image:.3f} s/image", flush=True)
+        if hasattr(backend, "fast"):
+            backend.fast.release()  # DeepSpeed's workspace is not torch's to free
         del backend
         free(args.device)
         report(configs, args, info)
+    if "startup" in keys:
+        if time.perf_counter() - started < args.budget_s:
+            starts = startups(args, folder, batches, started + args.budget_s + 40)
+        else:
+            starts = {"skipped": "time budget"}
 
-    report(configs, args, info)
+    report(configs, args, info, starts)
     print(f"Total {time.perf_counter() - started:.0f} s.")
     return 0
 

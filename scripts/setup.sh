@@ -27,21 +27,29 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 command -v "$PYTHON" >/dev/null || { echo "setup: $PYTHON not found (set PYTHON=...)" >&2; exit 1; }
+# A first run downloads and installs about 1.5 GB (torch alone is ~190 MB to download, 750 MB installed); it
+# took about 3 minutes on our test machine. pip's own lines (Collecting / Downloading with sizes / Installing)
+# show the progress; each step says when it starts and how long it took.
+started=$SECONDS
+step() { echo "setup: [$1/5] $2 ($((SECONDS - started)) s so far)" >&2; }
+step 1 "creating $VENV with $PYTHON"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip="$VENV/bin/python -m pip install --disable-pip-version-check -q"
+pip="$VENV/bin/python -m pip install --disable-pip-version-check --progress-bar on"
 # This workplace's pip config names local indexes that may be absent; pip warns once per package.
 quiet() { "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2); }
-echo "setup: installing torch (CPU build) ..." >&2
+step 2 "installing torch (CPU build)"
 # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu on machines whose pip has no local CPU wheel.
 quiet $pip -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==$(grep -E '^torch==' constraints.txt | cut -d= -f3)"
-echo "setup: installing sd-endpoint and its dependencies ..." >&2
+step 3 "installing sd-endpoint and its dependencies (diffusers, transformers, fastapi, azure, dev tools)"
 quiet $pip -c constraints.txt -e ".[azureml,dev]"
 # The AACS emulator (tests, notebooks, local screening) is a dev tool with its own distribution and command.
 quiet $pip -c constraints.txt -e src/aacs_emulator
 # open-clip-torch only provides the CLIP BPE vocabulary file; its own deps (torchvision, timm) are not needed.
+step 4 "installing open-clip-torch (its CLIP vocabulary only, no dependencies)"
 quiet $pip -c constraints.txt --no-deps open-clip-torch
 # DeepSpeed's Triton attention kernel uses tl.make_block_ptr, which Triton 3.9 removed; the CPU tests run it
 # in Triton's interpreter. Not in constraints.txt: the GPU image takes the Triton its CUDA torch pins.
+step 5 "installing triton 3.8.0"
 quiet $pip "triton==3.8.0"
 echo "$want" > "$stamp"
-echo "setup: done ($VENV)" >&2
+echo "setup: done in $((SECONDS - started)) s ($VENV)" >&2

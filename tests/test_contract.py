@@ -145,7 +145,7 @@ def test_eta_with_ddim() -> None:
         ({"input_data": {"data": ["a"]}, "extra": 1}, "unknown field 'extra'; allowed: input_data, parameters"),
         (
             {"input_data": {"data": ["a"]}, "parameters": {"guidence_scale": 7}},
-            "unknown field 'guidence_scale'; allowed: eta, guidance_scale",
+            "unknown field 'guidence_scale'; allowed: cache_interval, eta, guidance_scale",
         ),
         ({"input_data": {"data": ["a"]}, "parameters": {"num_inference_steps": 0}}, "num_inference_steps"),
         ({"input_data": {"data": ["a"]}, "parameters": {"num_inference_steps": 151}}, "between 1 and 150"),

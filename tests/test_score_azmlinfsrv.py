@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,12 +33,23 @@ def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.T
         "SD_ENDPOINT_DTYPE": "float32",
         "SD_ENDPOINT_CACHE_DIR": str(cache_dir),
         "SD_ENDPOINT_MAX_IMAGES_PER_REQUEST": "4",
+        "WORKER_COUNT": "2",  # as Azure's samples deploy it: two workers, each with its own model
         # 768x768 x 50 steps took over 85 s on a loaded machine: no test here is about timeouts.
         "SD_ENDPOINT_REQUEST_TIMEOUT_MS": "600000",
     }
-    with ScoreServer(env, tmp_path_factory.mktemp("azmlinfsrv") / "server.log") as server:
+    server = ScoreServer(env, tmp_path_factory.mktemp("azmlinfsrv") / "server.log")
+    server.env.pop("OMP_NUM_THREADS", None)  # the share below is ours, not a user's setting
+    with server:
         yield server.url
-    assert "astronaut" not in server.logs()  # prompts stay out of the logs by default
+    server_log = server.logs()
+    assert "astronaut" not in server_log  # prompts stay out of the logs by default
+    # Each worker takes its share of the cores, not every core (OpenMP threads of two workers would fight).
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert server_log.count(f"CPU: {share} intra-op thread(s) for this worker (2 workers share") == 2, server_log
+    # Quiet start-up: no third-party notices, and one line per event (each worker warms up once).
+    for notice in ("requires torchvision", "Writing model shards", "Setting accelerator to CPU", "Failed to load"):
+        assert notice not in server_log
+    assert server_log.count("Warm-up done in") == 2
 
 
 pytestmark = pytest.mark.slow
@@ -95,6 +108,37 @@ def test_bad_requests_get_4xx_with_message(
     assert r.status_code == status, r.text
     assert fragment in r.json()["message"]
     assert r.headers["x-ms-run-function-failed"] == "False"
+
+
+def test_azure_client_flows(azmlinfsrv: str, tmp_path: Path) -> None:
+    """The client code of Azure's online samples, in our words, against the live server.
+
+    ``az ml online-endpoint invoke -o json > file`` stores the response body as a JSON string, so the CLI sample
+    reads the file with json.load, then json.loads, then decodes each base64 image and saves it as a JPEG;
+    ``ml_client.online_endpoints.invoke`` returns the body as text, which the SDK notebooks json.loads.
+    """
+    body = {
+        "input_data": {"columns": ["prompt"], "index": [0], "data": [{"prompt": "a photograph of a horse"}]},
+        "parameters": {"num_inference_steps": 3, "height": 64, "width": 64},
+    }
+    r = requests.post(f"{azmlinfsrv}/score", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+
+    saved = tmp_path / "response.json"
+    saved.write_text(json.dumps(r.text), encoding="utf-8")  # what `az ml ... invoke -o json` writes
+    with saved.open(encoding="utf-8") as fh:
+        records = json.loads(json.load(fh))
+    for i, record in enumerate(records):
+        image = Image.open(io.BytesIO(base64.b64decode(record["generated_image"])))
+        out = tmp_path / f"Img_{i}_{record['prompt'][:50].replace(' ', '_')}.jpg"
+        image.convert("RGB").save(out, "JPEG")
+        assert Image.open(out).size == (64, 64)
+    assert [rec["prompt"] for rec in records] == ["a photograph of a horse"]
+
+    response = r.text  # ml_client.online_endpoints.invoke(...) returns this string
+    generations = json.loads(response)
+    assert len(generations) == 1 and generations[0]["nsfw_content_detected"] is None
+    assert Image.open(io.BytesIO(base64.b64decode(generations[0]["generated_image"]))).format == "PNG"
 
 
 def test_get_on_score_is_405(azmlinfsrv: str) -> None:

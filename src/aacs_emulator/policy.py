@@ -147,41 +147,9 @@ class Policy:
                 BlocklistItem(name, str(uuid.uuid5(uuid.NAMESPACE_URL, f"{name}/{t}")), t, _word_pattern(t.strip()))
                 for t in items
             )
-        rules = []
-        for i, rule in enumerate((doc.get("image") or {}).get("rules", [])):
-            where = f"image.rules[{i}]"
-            if not isinstance(rule, dict):
-                raise PolicyError(f"{where}: must be an object")
-            kinds = [k for k in ("all", "sha256", "mean_color") if k in rule]
-            if len(kinds) != 1:
-                raise PolicyError(f"{where}: needs exactly one of 'all', 'sha256', 'mean_color'")
-            severities = _severities(rule.get("severities"), f"{where}.severities")
-            if kinds == ["all"]:
-                if rule["all"] is not True:
-                    raise PolicyError(f"{where}.all: must be true")
-                rules.append(ImageRule(severities, all=True))
-            elif kinds == ["sha256"]:
-                digests = rule["sha256"]
-                if isinstance(digests, str):
-                    digests = [digests]
-                if not isinstance(digests, list) or not all(
-                    isinstance(d, str) and re.fullmatch(r"[0-9a-fA-F]{64}", d) for d in digests
-                ):
-                    raise PolicyError(f"{where}.sha256: must be a hex SHA-256 digest or a list of them")
-                rules.append(ImageRule(severities, sha256=frozenset(d.lower() for d in digests)))
-            else:
-                color = rule["mean_color"]
-                tolerance = rule.get("tolerance", 0)
-                if (
-                    not isinstance(color, list)
-                    or len(color) != 3
-                    or not all(isinstance(c, (int, float)) and 0 <= c <= 255 for c in color)
-                ):
-                    raise PolicyError(f"{where}.mean_color: must be [r, g, b] with values 0-255")
-                if not isinstance(tolerance, (int, float)) or tolerance < 0:
-                    raise PolicyError(f"{where}.tolerance: must be a number >= 0")
-                mean = (float(color[0]), float(color[1]), float(color[2]))
-                rules.append(ImageRule(severities, mean_color=mean, tolerance=float(tolerance)))
+        rules = [
+            _image_rule(rule, f"image.rules[{i}]") for i, rule in enumerate((doc.get("image") or {}).get("rules", []))
+        ]
         return cls(tuple(terms), blocklists, tuple(rules))
 
     @classmethod
@@ -216,6 +184,41 @@ class Policy:
                 for name, value in rule.severities.items():
                     found[name] = max(found[name], value)
         return found
+
+
+def _image_rule(rule: Any, where: str) -> ImageRule:
+    """One entry of ``image.rules``: exactly one of ``all``, ``sha256`` or ``mean_color``, with severities."""
+    if not isinstance(rule, dict):
+        raise PolicyError(f"{where}: must be an object")
+    kinds = [k for k in ("all", "sha256", "mean_color") if k in rule]
+    if len(kinds) != 1:
+        raise PolicyError(f"{where}: needs exactly one of 'all', 'sha256', 'mean_color'")
+    severities = _severities(rule.get("severities"), f"{where}.severities")
+    if kinds == ["all"]:
+        if rule["all"] is not True:
+            raise PolicyError(f"{where}.all: must be true")
+        return ImageRule(severities, all=True)
+    if kinds == ["sha256"]:
+        digests = rule["sha256"]
+        if isinstance(digests, str):
+            digests = [digests]
+        if not isinstance(digests, list) or not all(
+            isinstance(d, str) and re.fullmatch(r"[0-9a-fA-F]{64}", d) for d in digests
+        ):
+            raise PolicyError(f"{where}.sha256: must be a hex SHA-256 digest or a list of them")
+        return ImageRule(severities, sha256=frozenset(d.lower() for d in digests))
+    color = rule["mean_color"]
+    tolerance = rule.get("tolerance", 0)
+    if (
+        not isinstance(color, list)
+        or len(color) != 3
+        or not all(isinstance(c, (int, float)) and 0 <= c <= 255 for c in color)
+    ):
+        raise PolicyError(f"{where}.mean_color: must be [r, g, b] with values 0-255")
+    if not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise PolicyError(f"{where}.tolerance: must be a number >= 0")
+    mean = (float(color[0]), float(color[1]), float(color[2]))
+    return ImageRule(severities, mean_color=mean, tolerance=float(tolerance))
 
 
 def image_fingerprint(data: bytes) -> tuple[str, tuple[float, float, float]]:

@@ -15,10 +15,15 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd_endpoint.cli_options import add_model_options, settings_overrides
 from sd_endpoint.errors import ConfigError, EndpointError, ModelLoadError
+
+if TYPE_CHECKING:
+    from sd_endpoint.jobs import CancelToken
+
+_HTTP_TIMEOUT_S = 300.0
 
 # Modules that add their own subcommand (module path -> what it adds).
 _PLUGGED = (
@@ -51,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     }
     body = {"input_data": {"columns": ["prompt"], "data": [args.prompt]}, "parameters": params}
     started = time.perf_counter()
-    result = service.handle(body)
+    result = service.handle(body, _local_deadline(args.timeout))
     out = Path(args.output)
     paths = _write_images(result.records, out.parent, single=out if len(result.records) == 1 else None)
     for path, record in zip(paths, result.records, strict=True):
@@ -59,6 +64,13 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"{path}  seed={record['seed']}{note}")
     print(f"{len(paths)} image(s) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
+
+
+def _local_deadline(timeout_s: float | None) -> CancelToken:
+    """A local command has no HTTP client waiting: no deadline (not SD_ENDPOINT_REQUEST_TIMEOUT_MS) unless asked."""
+    from sd_endpoint.jobs import CancelToken
+
+    return CancelToken.with_timeout_ms(None if timeout_s is None else timeout_s * 1000.0)
 
 
 def _invoke(args: argparse.Namespace) -> int:
@@ -71,7 +83,8 @@ def _invoke(args: argparse.Namespace) -> int:
             headers["Authorization"] = f"Bearer {args.key}"
         if args.deployment:
             headers["azureml-model-deployment"] = args.deployment
-        resp = httpx.post(args.url, content=body_text.encode(), headers=headers, timeout=args.timeout)
+        timeout = _HTTP_TIMEOUT_S if args.timeout is None else args.timeout
+        resp = httpx.post(args.url, content=body_text.encode(), headers=headers, timeout=timeout)
         if resp.status_code != 200:
             print(f"HTTP {resp.status_code}: {resp.text}", file=sys.stderr)
             return 1
@@ -83,7 +96,7 @@ def _invoke(args: argparse.Namespace) -> int:
         from sd_endpoint.settings import load_settings
 
         service = GenerationService.from_settings(load_settings(warmup=False, **settings_overrides(args)))
-        records = service.handle(body_text).records
+        records = service.handle(body_text, _local_deadline(args.timeout)).records
     for path in _write_images(records, Path(args.out_dir)):
         print(path)
     return 0
@@ -142,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler")
     gen.add_argument("--format", choices=["png", "jpeg", "webp"])
     gen.add_argument("--eta", type=float)
+    gen.add_argument("--timeout", type=float, help="Stop after this many seconds (error 408); no limit by default.")
     add_model_options(gen)
     gen.set_defaults(func=_generate)
 
@@ -151,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("--key", help="Endpoint key, sent as 'Authorization: Bearer <key>'.")
     inv.add_argument("--deployment", help="Sent as the azureml-model-deployment header.")
     inv.add_argument("--out-dir", default="out")
-    inv.add_argument("--timeout", type=float, default=300.0)
+    inv.add_argument(
+        "--timeout",
+        type=float,
+        help=f"Seconds: the HTTP client's timeout with --url ({_HTTP_TIMEOUT_S:g} by default); in-process, stop "
+        "generation after this long (error 408; no limit by default).",
+    )
     add_model_options(inv)
     inv.set_defaults(func=_invoke)
 
@@ -172,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sd_endpoint.cpu_policy import prefer_passive_waits
     from sd_endpoint.logs import setup_logging
+
+    prefer_passive_waits()  # before any subcommand imports torch
 
     args = build_parser().parse_args(argv)
     setup_logging()

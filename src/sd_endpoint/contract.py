@@ -46,6 +46,7 @@ from pydantic import (
 from sd_endpoint import images_in
 from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
 from sd_endpoint.jobs import (
+    MAX_CACHE_INTERVAL,
     SCHEDULERS_WITH_ETA,
     GenerationSpec,
     ImageTask,
@@ -135,6 +136,12 @@ class Parameters(BaseModel):
     scheduler: SchedulerName | None = Field(None, description="Default: the model's own (DDIM for SD 2.1).")
     output_format: OutputFormat = Field("png", description="Encoding of generated_image.")
     eta: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False, description="DDIM eta (0).")
+    cache_interval: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CACHE_INTERVAL,
+        description="DeepCache: the full UNet every N steps, its deep features reused in between (1: off).",
+    )
     strength: float | None = Field(
         None,
         ge=0.0,
@@ -447,7 +454,17 @@ def _resolve(request: ScoreRequest, limits: Limits) -> ScoringRequest:
             mask = images_in.resized(mask, width, height)
         resolved.append(RowRequest(pos, index, row.prompt, negatives[pos], seeds, image, mask))
 
-    spec = GenerationSpec(height, width, steps, float(guidance), scheduler, float(eta), task, float(strength))
+    spec = GenerationSpec(
+        height,
+        width,
+        steps,
+        float(guidance),
+        scheduler,
+        float(eta),
+        task,
+        float(strength),
+        cache_interval=params.cache_interval or 1,
+    )
     return ScoringRequest(spec, params.output_format, tuple(resolved))
 
 

@@ -34,6 +34,9 @@ SCHEDULERS_WITH_ETA: frozenset[str] = frozenset({"ddim"})
 TaskName = Literal["text-to-image", "image-to-image", "inpainting"]
 
 
+MAX_CACHE_INTERVAL = 10  # beyond ~5 the image drifts visibly (README, DeepCache); 10 bounds the experiment
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
     """Everything that must be equal for images to share one pipeline call."""
@@ -48,6 +51,9 @@ class GenerationSpec:
     # Image-to-image and inpainting: the fraction of the schedule that runs, from the noised input image
     # (1.0: from pure noise). Text-to-image always runs the whole schedule.
     strength: float = 1.0
+    # DeepCache (backends/deepcache.py): the full UNet every N steps, its deep features reused in between;
+    # 1 is off. Part of the spec, so only requests with equal intervals share a pipeline call.
+    cache_interval: int = 1
 
     @property
     def denoising_steps(self) -> int:

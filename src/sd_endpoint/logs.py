@@ -65,6 +65,7 @@ def setup_logging(level: str = "INFO", fmt: str = "text", *, defer_to_host: bool
     ``defer_to_host``: inside a host that already set up logging (azmlinfsrv), only set our level, so
     every line is written once, by the host's handlers (which App Insights also reads).
     """
+    quiet_third_party_notices()
     root = logging.getLogger()
     ours = [h for h in root.handlers if getattr(h, "_sd_endpoint", False)]
     if defer_to_host and len(root.handlers) > len(ours):
@@ -81,3 +82,36 @@ def setup_logging(level: str = "INFO", fmt: str = "text", *, defer_to_host: bool
     root.setLevel(level.upper())
     for noisy in ("httpx", "azure.core.pipeline.policies.http_logging_policy", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+_NOTICES = {
+    # transformers 5 warns once per image-processor class it maps to its PIL variant when torchvision is
+    # missing; the pipeline loads no image processor (no safety checker), so there is nothing to act on.
+    "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    # Importing diffusers imports torchao's optional kernels (CUDA builds) and its quantizer types; we load
+    # no torchao-quantized checkpoint.
+    "torchao": ("Failed to load",),
+    "diffusers.quantizers.torchao.torchao_quantizer": ("Unable to import `torchao` Tensor objects",),
+    # torchao registers enums the way torch 2.13 deprecates; a library notice, not ours to fix.
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    # Probing for DeepSpeed on a machine without CUDA; the backend choice is logged by us, once.
+    "DeepSpeed": ("Setting accelerator to CPU",),
+}
+
+
+def quiet_third_party_notices() -> None:
+    """Drop third-party start-up notices a user cannot act on (each named in _NOTICES); idempotent."""
+    for name, fragments in _NOTICES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(*fragments))

@@ -47,7 +47,20 @@ class Settings(BaseSettings):
     backend: Literal["auto", "diffusers", "deepspeed"] = Field(
         default="auto", description="'auto': DeepSpeed kernels when CUDA+DeepSpeed pass a self-check, else diffusers."
     )
-    compile: bool = Field(default=False, description="torch.compile the UNet (warmed up at start-up).")
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="torch.compile the UNet for the warm shapes: 'auto' on CUDA, not on CPU; 'on'/'off'.",
+    )
+    compile_cache: Path | None = Field(
+        default=None,
+        description="Persistent torch.compile cache (default SD_ENDPOINT_CACHE_DIR/compile); rebuilt if another "
+        "GPU, torch or model filled it.",
+    )
+    precision: Literal["fp16", "fp8"] = Field(
+        default="fp16",
+        description="'fp8': the UNet's linear layers in fp8 (torchao, per-row scales); needs a CUDA GPU with fp8 "
+        "tensor cores (compute capability 8.9+). 'fp16': the model dtype (SD_ENDPOINT_DTYPE).",
+    )
     warmup: bool = Field(default=True, description="Run one small generation before reporting ready.")
     warm_shapes: Annotated[list[tuple[int, int, int]], NoDecode] = Field(
         default_factory=lambda: [(768, 768, 1)],
@@ -124,6 +137,14 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(default=False, description="Log prompt text (off: prompts never reach the logs).")
     log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per line.")
     log_level: str = Field(default="INFO", description="Python logging level.")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        words = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return words.get(str(value).strip().lower(), str(value).strip().lower())
 
     @field_validator("keys", mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from sd_endpoint.backends.deepspeed_attention import ExactGuard
 from sd_endpoint.backends.deepspeed_backend import (
     ContextAttention,
     DeepSpeedBackend,
@@ -73,6 +74,9 @@ class FakeKernels:
     def block(self, block: Any) -> Any:
         return FakeBlock(block)
 
+    def reset(self) -> None:
+        self.resets = getattr(self, "resets", 0) + 1
+
 
 def _blocks(unet: Any) -> list[Any]:
     from diffusers.models.attention import BasicTransformerBlock
@@ -88,7 +92,9 @@ def test_injection_replaces_blocks_in_a_weight_sharing_copy(backend: DiffusersBa
     assert n_blocks > 0
 
     copy = shared_copy(original)
-    report = inject(copy, FakeKernels())
+    kernels = FakeKernels()
+    report = inject(copy, kernels)
+    assert kernels.resets == 1  # DeepSpeed's layer counter is reset before any module is made
 
     assert report.blocks == n_blocks and report.self_attention == n_blocks
     # SD 2.1 (and the tiny model) sets upcast_attention: cross-attention stays in diffusers with fp32 scores.
@@ -96,7 +102,8 @@ def test_injection_replaces_blocks_in_a_weight_sharing_copy(backend: DiffusersBa
     replaced = [m for m in copy.modules() if isinstance(m, FakeBlock)]
     assert len(replaced) == n_blocks and _blocks(copy) == [b.inner for b in replaced]
     for block in replaced:
-        assert isinstance(block.inner.attn1, FakeAttention)
+        # The kernel's attention behind the guard that sends non-exact token counts to diffusers' attention.
+        assert isinstance(block.inner.attn1, ExactGuard) and isinstance(block.inner.attn1.kernel, FakeAttention)
         assert isinstance(block.inner.attn2, ContextAttention)
     # The diffusers path's UNet is untouched and no weight was copied.
     assert len(_blocks(original)) == n_blocks and not any(isinstance(m, FakeBlock) for m in original.modules())

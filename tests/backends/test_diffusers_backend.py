@@ -97,15 +97,16 @@ def test_a_failed_warm_up_serves_the_eager_unet(
 
     monkeypatch.setattr(compiled.runner, "warm", broken)
     assert compiled.warm([(64, 64, 1)]) == 0.0
-    assert compiled.runner is None and compiled.pipe.unet is compiled._raw_unet
+    assert compiled.runner is None and compiled.pipe.unet is compiled.raw_unet
     assert compiled.describe()["optimisations"] == "torch.compile off (warm-up failed: RuntimeError)"
     assert compiled.describe()["warm_shapes"] == "none"
     assert len(compiled.generate(SPEC, [ImageTask("a red fox", None, 3)]).images) == 1
 
 
-def test_channels_last_everywhere_but_the_cpu_fp32_reference() -> None:
+def test_channels_last_only_on_cpu_below_fp32() -> None:
     from sd_endpoint.backends.diffusers_backend import wants_channels_last
 
-    assert not wants_channels_last("cpu", "float32")
-    assert wants_channels_last("cpu", "bfloat16") and wants_channels_last("cuda", "float16")
-    assert wants_channels_last("cuda", "float32")
+    assert not wants_channels_last("cpu", "float32")  # the reference path
+    assert wants_channels_last("cpu", "bfloat16")  # oneDNN's bf16 convolutions: 10-20% faster in NHWC
+    # CUDA GroupNorm forces NCHW: channels-last cost 10% at batch 4 on an H200.
+    assert not wants_channels_last("cuda", "float16") and not wants_channels_last("cuda", "float32")

@@ -80,7 +80,8 @@ def test_compiled_unet_for_warm_shapes(tiny_model_dir: Path, cache_dir: Path) ->
 def test_deepspeed_path_serves_captured_shapes_and_routes_the_rest(tiny_model_dir: Path, cache_dir: Path) -> None:
     import deepspeed  # noqa: F401 - gpu_check.sh installs it; without it this test fails, it is not skipped
 
-    from sd_endpoint.backends.selection import RoutingBackend, build_backend
+    from sd_endpoint.backends.routing import RoutingBackend
+    from sd_endpoint.backends.selection import build_backend
     from sd_endpoint.settings import load_settings
 
     settings = load_settings(

@@ -7,7 +7,7 @@ import pytest
 
 from sd_endpoint.backends.deepspeed_backend import captured_batch_sizes
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend
-from sd_endpoint.backends.selection import RoutingBackend, split_batch
+from sd_endpoint.backends.routing import RoutingBackend, split_batch
 from sd_endpoint.jobs import GenerationSpec, ImageTask
 from tests.support.fakes import FakeDeepSpeed
 

@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 
 from sd_endpoint.backends import selection
+from sd_endpoint.backends.checks import self_check
 from sd_endpoint.backends.deepspeed_backend import DeepSpeedUnavailable
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend
-from sd_endpoint.backends.selection import RoutingBackend, build_backend, deepspeed_blocker, self_check
+from sd_endpoint.backends.routing import RoutingBackend
+from sd_endpoint.backends.selection import build_backend, deepspeed_blocker
 from sd_endpoint.errors import ModelLoadError
 from sd_endpoint.settings import Settings, load_settings
 from tests.support.fakes import FakeDeepSpeed
@@ -38,11 +40,33 @@ def pipe(backend: DiffusersBackend) -> Any:
 @pytest.fixture
 def cuda_like(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the CUDA/fp16/DeepSpeed preconditions hold, so the logic after them runs on CPU."""
-    monkeypatch.setattr(selection, "deepspeed_blocker", lambda device, dtype, shapes: None)
+    monkeypatch.setattr(selection, "deepspeed_blocker", lambda device, dtype, shapes, need_prebuilt=False: None)
+
+
+def test_auto_considers_deepspeed_only_with_prebuilt_ops(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import importlib.metadata
+
+    shapes = [(768, 768, 1)]
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.8.0")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty JIT cache
+    assert selection.missing_deepspeed_ops() == ["transformer_inference", "spatial_inference"]
+    blocked = str(deepspeed_blocker("cuda:0", "float16", shapes, need_prebuilt=True))
+    assert "not pre-built" in blocked and "DS_BUILD_TRANSFORMER_INFERENCE=1" in blocked
+    assert deepspeed_blocker("cuda:0", "float16", shapes) is None  # explicit deepspeed may build them
+    for name in ("transformer_inference", "spatial_inference"):  # as the JIT build leaves them
+        (tmp_path / "py311_cu128" / name).mkdir(parents=True)
+        (tmp_path / "py311_cu128" / name / f"{name}.so").write_bytes(b"")
+    assert selection.missing_deepspeed_ops() == []
+    assert deepspeed_blocker("cuda:0", "float16", shapes, need_prebuilt=True) is None
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.9.0")
+    assert "removed tl.make_block_ptr" in str(deepspeed_blocker("cuda:0", "float16", shapes))
 
 
 def test_blocker_names_the_first_missing_precondition(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
     shapes = [(768, 768, 1)]
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "3.8.0")
     monkeypatch.setattr(selection, "deepspeed_installed", lambda: True)
     assert "no CUDA device" in str(deepspeed_blocker("cpu", "float16", shapes))
     assert "fp16-only" in str(deepspeed_blocker("cuda", "bfloat16", shapes))
@@ -68,7 +92,11 @@ def test_auto_without_deepspeed_installed_says_so(
     real = selection.deepspeed_blocker
     monkeypatch.setattr(selection, "deepspeed_installed", lambda: False)
     # The model is on the CPU here; ask the blocker as if it were on CUDA in fp16.
-    monkeypatch.setattr(selection, "deepspeed_blocker", lambda device, dtype, shapes: real("cuda", "float16", shapes))
+    monkeypatch.setattr(
+        selection,
+        "deepspeed_blocker",
+        lambda device, dtype, shapes, need_prebuilt=False: real("cuda", "float16", shapes),
+    )
     chosen = build_backend(make_settings(tiny_model_dir, cache_dir), pipe)
     assert isinstance(chosen, DiffusersBackend)
     assert "DeepSpeed is not installed" in chosen.describe()["backend_reason"]
@@ -100,13 +128,19 @@ def test_auto_serves_deepspeed_when_the_self_check_passes(
         built.append(FakeDeepSpeed(base, shapes))
         return built[-1]
 
-    chosen = build_backend(make_settings(tiny_model_dir, cache_dir), pipe, deepspeed_factory=factory)
+    faster = {"deepspeed": 0.008, "diffusers": 0.010}
+    chosen = build_backend(
+        make_settings(tiny_model_dir, cache_dir),
+        pipe,
+        deepspeed_factory=factory,
+        timer=lambda b, shape: faster["deepspeed" if isinstance(b, FakeDeepSpeed) else "diffusers"],
+    )
     assert isinstance(chosen, RoutingBackend)
-    assert chosen.fast is built[0]
+    assert chosen.fast is built[0] and not built[0].released
     assert built[0].warm_shapes == [(64, 64, 1), (64, 64, 2)]
     info = chosen.describe()
     assert info["backend"] == "deepspeed"
-    assert "self-check passed" in info["backend_reason"] and "64x64x1" in info["backend_reason"]
+    assert "per-layer check passed" in info["backend_reason"] and "64x64x1" in info["backend_reason"]
     assert info["captured_shapes"] == "64x64x1,64x64x2"
     assert info["device"] == "cpu"  # the rest comes from the diffusers path it shares modules with
 
@@ -115,12 +149,15 @@ def test_auto_serves_deepspeed_when_the_self_check_passes(
 def test_auto_falls_back_when_the_engine_disagrees(
     tiny_model_dir: Path, cache_dir: Path, pipe: Any, cuda_like: None, scale: float, nan: bool
 ) -> None:
-    chosen = build_backend(
-        make_settings(tiny_model_dir, cache_dir),
-        pipe,
-        deepspeed_factory=lambda base, shapes: FakeDeepSpeed(base, shapes, scale=scale, nan=nan),  # type: ignore[arg-type,return-value]
-    )
+    built: list[FakeDeepSpeed] = []
+
+    def factory(base: DiffusersBackend, shapes: Any) -> FakeDeepSpeed:
+        built.append(FakeDeepSpeed(base, shapes, scale=scale, nan=nan))
+        return built[-1]
+
+    chosen = build_backend(make_settings(tiny_model_dir, cache_dir), pipe, deepspeed_factory=factory)
     assert isinstance(chosen, DiffusersBackend)
+    assert built[0].released  # its graphs and workspace are freed when it is dropped
     reason = chosen.describe()["backend_reason"]
     assert "DeepSpeed self-check failed" in reason
     assert ("inf" if nan else "3.00e-01") in reason  # the measured relative error is reported
@@ -191,7 +228,7 @@ def test_auto_takes_deepspeed_only_when_it_is_faster(
     )
     assert isinstance(slower, DiffusersBackend)
     reason = slower.describe()["backend_reason"]
-    assert "passed its self-check but is not faster" in reason
+    assert "passed its checks but is not faster" in reason
     assert "UNet step at 64x64x1: DeepSpeed 12.5 ms, diffusers 10.0 ms" in reason
     # Within the 3% margin counts as not faster: the simpler path serves.
     tie = build_backend(

@@ -179,9 +179,9 @@ def test_reads_bypass_the_page_cache_where_allowed_and_fall_back_where_not(
 def test_early_load_in_nhwc_is_adopted_by_load_folder(tiny_model_dir: Path, reference: Any) -> None:
     threads = torch.get_num_threads()
     pending = fast_load.start_load(tiny_model_dir, "cpu", "bfloat16", channels_last=True)
-    assert pending is not None and fast_load._pending is pending
-    pipe = load_folder(tiny_model_dir, "cpu", "bfloat16")
-    assert fast_load._pending is None and torch.get_num_threads() == threads
+    assert pending is not None
+    pipe = load_folder(tiny_model_dir, "cpu", "bfloat16", early=pending)
+    assert torch.get_num_threads() == threads
     conv = pipe.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -192,8 +192,27 @@ def test_early_load_in_nhwc_is_adopted_by_load_folder(tiny_model_dir: Path, refe
 
 
 def test_an_early_load_for_other_arguments_is_discarded(tiny_model_dir: Path, reference: Any) -> None:
-    fast_load.start_load(tiny_model_dir, "cpu", "bfloat16", channels_last=True)
-    pipe = load_folder(tiny_model_dir, "cpu", "float32")  # not what was started: read again, plain layout
-    assert fast_load._pending is None
+    early = fast_load.start_load(tiny_model_dir, "cpu", "bfloat16", channels_last=True)
+    assert early is not None
+    pipe = load_folder(tiny_model_dir, "cpu", "float32", early=early)  # not what was started: read again
+    assert early.tensors["unet"] == {}  # the early read was finished and dropped
     assert pipe.unet.dtype == torch.float32 and pipe.unet.conv_in.weight.is_contiguous()
     assert_same_weights(pipe, reference)
+
+
+def test_a_staging_buffer_is_reused_only_after_its_upload_finished() -> None:
+    class Event:
+        def __init__(self) -> None:
+            self.done = False
+
+        def synchronize(self) -> None:
+            self.done = True
+
+    ring = fast_load._StagingRing(torch, pinned=False, slots=2)
+    first = ring.acquire()
+    first.event = Event()  # an upload from it is in flight
+    second = ring.acquire()
+    assert second is not first and not first.event.done  # the other buffer: no wait
+    pending = first.event
+    again = ring.acquire()
+    assert again is first and pending.done and again.event is None  # waited for the copy first

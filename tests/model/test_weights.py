@@ -108,9 +108,12 @@ def test_threads_are_restored_when_loading_fails_after_an_early_read(
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
     (folder / "unet" / "config.json").write_text("{not json")  # the checks refuse it before any loading
-    assert fast_load.start_load(folder, "cpu", "float32") is not None  # as create_backend starts it
+    early = fast_load.start_load(folder, "cpu", "float32")  # as create_backend starts it and hands it on
+    assert early is not None
     with pytest.raises(ModelLoadError, match="cannot read it as JSON"):
-        load_pipeline(ModelSource("diffusers", str(folder), "test"), Placement("cpu", "float32", "t"), cache_dir)
+        load_pipeline(
+            ModelSource("diffusers", str(folder), "test"), Placement("cpu", "float32", "t"), cache_dir, early=early
+        )
     assert torch.get_num_threads() == 2
 
 

@@ -45,11 +45,8 @@ def short_timeout_server(
     tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     env = model_env(tiny_model_dir, cache_dir, request_timeout_ms=3000, log_format="json")
-    live = LiveServer(env, tmp_path_factory.mktemp("timeout") / "server.log").start()
-    try:
+    with LiveServer(env, tmp_path_factory.mktemp("timeout") / "server.log").serving() as live:
         yield live
-    finally:
-        assert live.stop() == 0
 
 
 def test_a_timeout_gets_408_and_its_generation_stops(short_timeout_server: LiveServer) -> None:

@@ -47,14 +47,8 @@ def server(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempP
         # No test here is about timeouts: a loaded machine must not turn a slow answer into a 408.
         request_timeout_ms=600_000,
     )
-    live = LiveServer(env, tmp_path_factory.mktemp("live") / "server.log")
-    live.key = PRIMARY
-    live.start()
-    try:
+    with LiveServer(env, tmp_path_factory.mktemp("live") / "server.log", key=PRIMARY).serving() as live:
         yield live
-    finally:
-        code = live.stop()
-        assert code == 0, live.logs()[-3000:]
 
 
 def small(prompt: str, seed: int, steps: int = 3, **params: Any) -> dict[str, Any]:

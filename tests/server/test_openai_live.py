@@ -27,15 +27,10 @@ KEY = "openai-live-key-161803"
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     env = model_env(tiny_model_dir, cache_dir, keys=KEY, default_height=64, default_width=64, default_steps=2)
-    live = LiveServer(env, tmp_path_factory.mktemp("openai-live") / "server.log")
-    live.key = KEY
+    live = LiveServer(env, tmp_path_factory.mktemp("openai-live") / "server.log", key=KEY)
     live.env["SD_ENDPOINT_OPENAI_IMAGE_BASE_URL"] = live.url  # response_format "url" served by this server
-    live.start()
-    try:
+    with live.serving():
         yield live
-    finally:
-        code = live.stop()
-        assert code == 0, live.logs()[-3000:]
 
 
 @pytest.fixture

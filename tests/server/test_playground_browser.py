@@ -70,14 +70,8 @@ def server(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.TempP
             **emulator.env(),
             "CONTENT_SAFETY_RETRIES": "0",
         }
-        live = LiveServer(env, tmp_path_factory.mktemp("playground") / "server.log")
-        live.key = KEY
-        live.start()
-        try:
+        with LiveServer(env, tmp_path_factory.mktemp("playground") / "server.log", key=KEY).serving() as live:
             yield live
-        finally:
-            code = live.stop()
-            assert code == 0, live.logs()[-3000:]
 
 
 @pytest.fixture

@@ -93,6 +93,11 @@ class FakeDeepSpeed:
         self.scale = scale
         self.nan = nan
         self.batches: list[int] = []  # images per generate() call that reached this engine
+        self.raw_unet = base.raw_unet  # its "injected" blocks are the originals unless a test swaps some
+        self.released = False
+
+    def release(self) -> None:
+        self.released = True
 
     def batch_sizes(self, spec: GenerationSpec) -> list[int]:
         return captured_batch_sizes(self.warm_shapes, spec)

@@ -9,7 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -92,6 +93,16 @@ class ServerProcess:
                 self.proc.wait(30)
         return int(self.proc.returncode)
 
+    @contextmanager
+    def serving(self) -> Iterator[Self]:
+        """Started and ready; at the end stopped, which must be a clean exit (status 0)."""
+        self.start()
+        try:
+            yield self
+        finally:
+            code = self.stop()
+            assert code == 0, self.logs()[-3000:]
+
     def __enter__(self) -> Self:
         return self.start() if self.proc is None else self
 
@@ -108,9 +119,11 @@ class LiveServer(ServerProcess):
 
     ready_path = "/ready"
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *, args: Sequence[str] = (), key: str | None = None
+    ) -> None:
         super().__init__(env, log_path, args=args)
-        self.key: str | None = None
+        self.key = key
 
     def command(self) -> list[str]:
         return [str(SD_ENDPOINT), "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args]

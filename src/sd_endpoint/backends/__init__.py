@@ -33,8 +33,10 @@ def create_backend(settings: Settings) -> Backend:
 
     placement = choose_placement(settings)  # imports torch
     log.info("Device %s, dtype %s: %s", placement.device, placement.dtype_name, placement.reason)
+    early = None
     if source.kind == "diffusers":
-        # Start reading into the final tensors now, while diffusers and transformers import.
+        # Start reading into the final tensors now, while diffusers and transformers import; the read is
+        # handed to the loader, which finishes it.
         from sd_endpoint.backends.diffusers_backend import wants_channels_last
         from sd_endpoint.model.fast_load import start_load
         from sd_endpoint.model.weights import choose_variant
@@ -43,6 +45,6 @@ def create_backend(settings: Settings) -> Backend:
         device_type = placement.device.split(":")[0]
         nhwc = wants_channels_last(device_type, placement.dtype_name)
         variant = choose_variant(folder, placement.dtype_name)
-        start_load(folder, placement.device, placement.dtype_name, variant, channels_last=nhwc)
-    pipe = load_pipeline(source, placement, settings.cache_dir)
+        early = start_load(folder, placement.device, placement.dtype_name, variant, channels_last=nhwc)
+    pipe = load_pipeline(source, placement, settings.cache_dir, early=early)
     return build_backend(settings, pipe, placement_reason=placement.reason, source=f"{source.kind}:{source.location}")

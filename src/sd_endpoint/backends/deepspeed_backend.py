@@ -18,19 +18,28 @@ for one backend, and would still keep two upstream defects:
 
 So this module injects the same kernels itself, into a copy of the UNet that shares the weights:
 
-* every ``BasicTransformerBlock`` becomes ``DeepSpeedDiffusersTransformerBlock`` (fused LayerNorm+residual,
-  fused bias-GEGLU, NHWC bias-add kernels);
-* its self-attention becomes ``DeepSpeedDiffusersAttention`` (fused QKV GEMM + Triton flash attention),
-  with the weights prepared as DeepSpeed's injection prepares them, without transposing shared tensors in
-  place as upstream does;
+* every ``BasicTransformerBlock`` becomes ``DeepSpeedDiffusersTransformerBlock``: a CUDA LayerNorm for the
+  first norm, a CUDA bias-GEGLU kernel, a CUDA NHWC bias-add(+residual) kernel at the end; its "fused
+  LayerNorm + residual" for the second and third norms is a pure-PyTorch fp32 classmethod, not a kernel;
+* its self-attention becomes ``DeepSpeedDiffusersAttention`` (one QKV GEMM + the 2023 Triton tutorial
+  flash-attention kernel, ``num_stages=1``), wrapped in ``ExactGuard``: the kernel only at token counts it
+  computes exactly (multiples of 64), diffusers' SDPA attention on the same weights elsewhere
+  (deepspeed_attention.py); the weights are prepared as DeepSpeed's injection prepares them, without
+  transposing shared tensors in place as upstream does;
 * its cross-attention stays diffusers' ``Attention`` with the classic processor, which upcasts the scores
   and the softmax to fp32 when the model asks for it (SD 2.1); where it does not, DeepSpeed's kernel runs;
 * the whole UNet is captured as one CUDA graph per warm shape (``UNetRunner``), with DeepSpeed's global
   workspace sized by the largest shape before any capture.
 
 The text encoder (~0.1 TFLOP per request) and the VAE (whose DeepSpeed wrapper has no kernels, only a
-graph) run as on the diffusers path. Other shapes never reach this backend: ``selection.RoutingBackend``
-sends them to the diffusers path, so the kernels only ever run shapes that passed the start-up self-check.
+graph) run as on the diffusers path. Other shapes never reach this backend: ``routing.RoutingBackend``
+sends them to the diffusers path, so the kernels only ever run shapes that passed the start-up checks.
+
+DeepSpeed keeps two pieces of process-global state, handled here: ``DeepSpeedDiffusersAttention.layer_id``
+(a class counter; only the module with id 0 allocates the shared workspace, so a second injection in one
+process would run on a null workspace) is reset before injecting; the workspace itself is a raw
+``cudaMalloc`` (0.56 GB at batch 1, invisible to torch's allocator statistics) that ``release`` frees and
+``workspace_bytes`` measures.
 
 Everything that touches ``deepspeed`` is imported inside functions: this module imports without it.
 DeepSpeed compiles its ``transformer_inference`` and ``spatial_inference`` ops with nvcc on first use
@@ -48,6 +57,7 @@ from typing import Any, Protocol
 
 import torch
 
+from sd_endpoint.backends.deepspeed_attention import ExactGuard, LayerTokens, plan_summary, token_plan
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend, WarmShape, shape_label
 from sd_endpoint.jobs import GenerationSpec
 
@@ -64,6 +74,10 @@ class Kernels(Protocol):
     def attention(self, attn: Any) -> Any: ...
 
     def block(self, block: Any) -> Any: ...
+
+    def reset(self) -> None:
+        """Forget state from an earlier injection in this process (DeepSpeed's layer counter)."""
+        ...
 
 
 @dataclass
@@ -135,8 +149,9 @@ def inject(unet: Any, kernels: Kernels) -> InjectionReport:
         raise DeepSpeedUnavailable("the UNet has no diffusers BasicTransformerBlock to inject kernels into")
     for name, block in targets:  # all checked before any is touched
         _check_block(name, block)
+    kernels.reset()
     for name, block in targets:
-        block.attn1 = kernels.attention(block.attn1)
+        block.attn1 = ExactGuard(kernels.attention(block.attn1), block.attn1)
         report.self_attention += 1
         if getattr(block.attn2, "upcast_attention", False):
             block.attn2 = ContextAttention(block.attn2)
@@ -197,6 +212,25 @@ class DeepSpeedKernels:
     def block(self, block: Any) -> Any:
         return self.block_cls(block, self.block_config()).to(block.norm1.weight.device)
 
+    def reset(self) -> None:
+        self.attention_cls.layer_id = 0  # the module numbered 0 allocates the workspace on its first call
+
+
+def release_workspace(unet: Any) -> bool:
+    """Free DeepSpeed's workspace (a raw cudaMalloc torch cannot see); True when there was one to free."""
+    for module in unet.modules():
+        workspace = getattr(module, "workspace", None)
+        if workspace is not None and hasattr(workspace, "release_workspace"):
+            workspace.release_workspace()
+            return True
+    return False
+
+
+def memory_outside_torch(device: Any) -> tuple[int, int]:
+    """(bytes in use on the device, bytes torch's allocator reserved): the difference is everyone else's."""
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free, torch.cuda.memory_reserved(device)
+
 
 def _deepspeed_classes() -> tuple[Any, Any, Any, Any]:
     try:
@@ -235,11 +269,44 @@ class DeepSpeedBackend(DiffusersBackend):
 
     name = "deepspeed"
 
-    def __init__(self, pipe: Any, *, shapes: Sequence[WarmShape], report: InjectionReport, **kwargs: Any) -> None:
-        super().__init__(pipe, optimise=False, compile=False, cuda_graphs=False, **kwargs)
+    def __init__(
+        self,
+        base: DiffusersBackend,
+        *,
+        unet: Any,
+        runner: Any,
+        shapes: Sequence[WarmShape],
+        report: InjectionReport,
+        plan: Sequence[LayerTokens] = (),
+        workspace_bytes: int = 0,
+    ) -> None:
+        """``unet`` is the injected copy, ``runner`` its captured UNetRunner; the rest is ``base``'s."""
+        from sd_endpoint.model.pipeline import build_pipeline
+
+        p = base.pipe
+        pipe = build_pipeline(
+            "text-to-image",
+            vae=p.vae,
+            text_encoder=p.text_encoder,
+            tokenizer=p.tokenizer,
+            unet=unet,
+            scheduler=p.scheduler,
+        )
+        super().__init__(
+            pipe,
+            placement_reason=base.placement_reason,
+            source=base.source,
+            optimise=False,
+            compile=False,
+            cuda_graphs=False,
+            lock=base.lock,  # one tokenizer, one lock: two locks let two threads in ("Already borrowed")
+            runner=runner,
+        )
         self.report = report
+        self.plan = list(plan)
+        self.workspace_bytes = workspace_bytes
         self.warm_shapes = list(dict.fromkeys(shapes))
-        self.optimisations = ["DeepSpeed transformer kernels", "channels-last", "CUDA graphs"]
+        self.optimisations = ["DeepSpeed transformer kernels", "CUDA graphs"]
 
     @classmethod
     def create(
@@ -247,7 +314,6 @@ class DeepSpeedBackend(DiffusersBackend):
     ) -> DeepSpeedBackend:
         """Inject and capture next to ``base`` (whose modules it shares); raises DeepSpeedUnavailable."""
         from sd_endpoint.backends.unet_runner import UNetRunner, unet_inputs_for
-        from sd_endpoint.model.pipeline import build_pipeline
 
         if base.device.type != "cuda":
             raise DeepSpeedUnavailable(f"DeepSpeed's kernels need CUDA; the model is on {base.device}")
@@ -256,37 +322,44 @@ class DeepSpeedBackend(DiffusersBackend):
         if not shapes:
             raise DeepSpeedUnavailable("no warm shapes to capture (SD_ENDPOINT_WARM_SHAPES is empty)")
         kernels = kernels or DeepSpeedKernels()
-        raw = base._raw_unet
+        raw = base.raw_unet
         unet = shared_copy(raw)
         report = inject(unet, kernels)
         unet.requires_grad_(False)
-        unet.to(memory_format=torch.channels_last)
-        log.info("DeepSpeed injection: %s", report.summary())
+        plan = token_plan(unet, shapes)
+        log.info("DeepSpeed injection: %s; %s", report.summary(), plan_summary(plan))
         runner = UNetRunner(unet, strict=True, label="deepspeed UNet")
-        runner.warm([unet_inputs_for(raw, h, w, b) for h, w, b in shapes], graphs=True)
-        p = base.pipe
-        pipe = build_pipeline(
-            "text-to-image",
-            vae=p.vae,
-            text_encoder=p.text_encoder,
-            tokenizer=p.tokenizer,
-            unet=runner,
-            scheduler=p.scheduler,
-        )
-        backend = cls(pipe, shapes=shapes, report=report, placement_reason=base.placement_reason, source=base.source)
-        backend._raw_unet = unet
-        backend.runner = runner
-        return backend
+        used, reserved = memory_outside_torch(base.device)
+        try:
+            runner.warm([unet_inputs_for(raw, h, w, b) for h, w, b in shapes], graphs=True)
+        except BaseException:
+            runner.release()
+            release_workspace(unet)
+            raise
+        used2, reserved2 = memory_outside_torch(base.device)
+        workspace = max(0, (used2 - used) - (reserved2 - reserved))
+        return cls(base, unet=unet, runner=runner, shapes=shapes, report=report, plan=plan, workspace_bytes=workspace)
+
+    def release(self) -> None:
+        """Free the graphs and DeepSpeed's workspace; this backend serves nothing after."""
+        if self.runner is not None:
+            self.runner.release()
+        if release_workspace(self.raw_unet):
+            self.workspace_bytes = 0
+        self.warm_shapes = []
+        torch.cuda.empty_cache()
 
     # -- routing -----------------------------------------------------------------------------
     def batch_sizes(self, spec: GenerationSpec) -> list[int]:
         return captured_batch_sizes(self.warm_shapes, spec)
 
     def supports(self, spec: GenerationSpec) -> bool:
-        return bool(self.batch_sizes(spec))
+        return spec.cache_interval == 1 and bool(self.batch_sizes(spec))
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info["deepspeed_injection"] = self.report.summary()
         info["captured_shapes"] = shape_label(self.warm_shapes)
+        info["deepspeed_attention"] = plan_summary(self.plan)
+        info["deepspeed_workspace_gb"] = round(self.workspace_bytes / 1e9, 3)
         return info

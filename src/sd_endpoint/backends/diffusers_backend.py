@@ -3,9 +3,11 @@
 Speed, by device (each step keeps the images equal to plain diffusers' within that precision):
 
 * CUDA fp16: SDPA attention (flash / memory-efficient kernels accumulate in fp32, so SD 2.1's
-  ``upcast_attention`` overflow cannot happen), channels-last UNet and VAE, fused QKV projections,
-  cuDNN autotuning, and for the warm shapes (SD_ENDPOINT_WARM_SHAPES) a CUDA graph per shape, optionally
-  over a ``torch.compile``'d UNet (SD_ENDPOINT_COMPILE). Other shapes run eagerly.
+  ``upcast_attention`` overflow cannot happen), fused QKV projections, cuDNN autotuning (torch_setup.py),
+  and for the warm shapes (SD_ENDPOINT_WARM_SHAPES) a CUDA graph per shape over a ``torch.compile``'d UNet
+  (SD_ENDPOINT_COMPILE=auto). Other shapes run eagerly. NCHW, not channels-last: PyTorch's CUDA GroupNorm
+  forces NCHW, so channels-last adds two layout conversions around each of the UNet's ~60 GroupNorms; on
+  an H200 it cost 10% at batch 4 (benchmarks/gpu.py; unmeasured at batch 1).
 * CPU bf16 (chosen where the CPU has native bf16): channels-last UNet and VAE (oneDNN's bf16 convolutions
   are fastest in NHWC), optional ``torch.compile`` with weight freezing for the warm shapes.
 * CPU fp32: nothing changes, so the output is bit-identical to plain diffusers (the tests' reference).
@@ -38,8 +40,12 @@ WarmShape = tuple[int, int, int]  # (height, width, images per batch)
 
 
 def wants_channels_last(device_type: str, dtype_name: str) -> bool:
-    """Where the backend runs the UNet and VAE in NHWC: everywhere but the CPU fp32 reference path."""
-    return not (device_type == "cpu" and dtype_name == "float32")
+    """Where the backend runs the UNet and VAE in NHWC: CPU bf16/fp16 only.
+
+    CPU bf16: oneDNN's bf16 convolutions are fastest in NHWC (channels-last was worth 10-20% in
+    benchmarks/cpu_generation.py's ablation). CUDA: see the module docstring. CPU fp32 is the reference path.
+    """
+    return device_type == "cpu" and dtype_name != "float32"
 
 
 def shape_label(shapes: Iterable[WarmShape]) -> str:
@@ -65,17 +71,15 @@ class DiffusersBackend:
         compile: bool = False,
         cuda_graphs: bool = True,
         fuse_qkv: bool = True,
+        lock: threading.Lock | None = None,
+        runner: Any = None,
     ) -> None:
+        """``lock`` guards the shared tokenizer: a backend over the same modules passes the other's.
+        ``runner`` is a UNetRunner already built over ``pipe.unet`` (the DeepSpeed path's captured one)."""
         import torch
 
         self.pipe = pipe
         self._torch = torch
-        # Both libraries log the text of over-long prompts; prompts must stay out of the logs.
-        for name in (
-            "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
-            "transformers.tokenization_utils_base",
-        ):
-            logging.getLogger(name).setLevel(logging.ERROR)
         self._scheduler_config = dict(pipe.scheduler.config)
         self._own_scheduler = type(pipe.scheduler).__name__
         self.placement_reason = placement_reason
@@ -83,30 +87,31 @@ class DiffusersBackend:
         self.selection_reason = ""  # why this backend serves; set by backends.selection
         self.nan_redecodes = 0
         self._vae32: Any = None
-        self._lock = threading.Lock()
+        self.lock = lock or threading.Lock()
         self.optimisations: list[str] = []
         self.compile = compile
         self.fuse_qkv = fuse_qkv
+        self.raw_unet = pipe.unet
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.warm_shapes: list[WarmShape] = []
-        self._raw_unet = pipe.unet
         if optimise:
             self._optimise()
-        self.runner: Any = None
-        if self.compile or self.cuda_graphs:
+        self.runner: Any = runner
+        if runner is None and (self.compile or self.cuda_graphs):
             from sd_endpoint.backends.unet_runner import UNetRunner
 
-            self.runner = UNetRunner(self._raw_unet, fast=self._compiled_unet(), label=f"{self.name} UNet")
+            self.runner = UNetRunner(self.raw_unet, fast=self._compiled_unet(), label=f"{self.name} UNet")
+        if self.runner is not None:
             pipe.unet = self.runner
 
     # -- facts -------------------------------------------------------------------------------
     @property
     def device(self) -> Any:
-        return self.pipe.unet.device
+        return self.raw_unet.device
 
     @property
     def dtype(self) -> Any:
-        return self.pipe.unet.dtype
+        return self.raw_unet.dtype
 
     @property
     def native_size(self) -> tuple[int, int]:
@@ -131,7 +136,7 @@ class DiffusersBackend:
 
     def prompt_overflows(self, text: str) -> bool:
         tok = self.pipe.tokenizer
-        with self._lock:
+        with self.lock:
             ids = tok(text, truncation=False, add_special_tokens=True)["input_ids"]
         return len(ids) > int(tok.model_max_length)
 
@@ -142,11 +147,10 @@ class DiffusersBackend:
     def _optimise(self) -> None:
         torch = self._torch
         device, dtype = self.device, self.dtype
-        unet, vae = self._raw_unet, self.pipe.vae
-        if not wants_channels_last(device.type, str(dtype).replace("torch.", "")):
-            return  # CPU fp32, the reference path: bit-identical to plain diffusers
+        unet, vae = self.raw_unet, self.pipe.vae
+        if device.type == "cpu" and dtype == torch.float32:
+            return  # the reference path: bit-identical to plain diffusers
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # shapes repeat; autotune each conv once
             self.optimisations.append("cudnn autotune")
             if self.fuse_qkv and hasattr(unet, "fuse_qkv_projections") and hasattr(vae, "fuse_qkv_projections"):
                 # One GEMM for q,k,v (self-attention) and k,v (cross-attention); SDPA processors.
@@ -155,22 +159,18 @@ class DiffusersBackend:
                 self.optimisations.append("fused QKV + SDPA")
             else:
                 self.optimisations.append("SDPA")
-        # A no-op for weights the fast loader already read into NHWC.
-        unet.to(memory_format=torch.channels_last)
-        vae.to(memory_format=torch.channels_last)
-        self.optimisations.append("channels-last")
+        if wants_channels_last(device.type, str(dtype).replace("torch.", "")):
+            # A no-op for weights the fast loader already read into NHWC.
+            unet.to(memory_format=torch.channels_last)
+            vae.to(memory_format=torch.channels_last)
+            self.optimisations.append("channels-last")
 
     def _compiled_unet(self) -> Any:
+        """The compiled UNet for the warm shapes (torch_setup.prepare configured inductor and its cache)."""
         if not self.compile:
             return None
-        torch = self._torch
-        if self.device.type == "cpu":
-            import torch._inductor.config as inductor_config
-
-            # Weights become constants: oneDNN gets pre-packed bf16 weights and folded layouts.
-            inductor_config.freezing = True
         self.optimisations.append("torch.compile")
-        return torch.compile(self._raw_unet, fullgraph=True, dynamic=False)
+        return self._torch.compile(self.raw_unet, fullgraph=True, dynamic=False)
 
     def warm(self, shapes: Sequence[WarmShape]) -> float:
         """Compile and/or capture the UNet for these (height, width, batch) shapes; returns seconds."""
@@ -179,7 +179,7 @@ class DiffusersBackend:
         from sd_endpoint.backends.unet_runner import unet_inputs_for
 
         wanted = list(dict.fromkeys(shapes))
-        keys = [unet_inputs_for(self._raw_unet, h, w, b) for h, w, b in wanted]
+        keys = [unet_inputs_for(self.raw_unet, h, w, b) for h, w, b in wanted]
         try:
             seconds = float(self.runner.warm(keys, graphs=self.cuda_graphs))
         except Exception as exc:  # noqa: BLE001 - a speed-up that cannot start must not stop the service
@@ -187,7 +187,7 @@ class DiffusersBackend:
                 x for x, on in (("torch.compile", self.compile), ("CUDA graphs", self.cuda_graphs)) if on
             )
             log.warning("%s warm-up failed, serving the eager UNet: %s: %s", what, type(exc).__name__, exc)
-            self.pipe.unet = self._raw_unet
+            self.pipe.unet = self.raw_unet
             self.runner = None
             self.optimisations = [o for o in self.optimisations if o != "torch.compile"]
             self.optimisations.append(f"{what} off (warm-up failed: {type(exc).__name__})")
@@ -223,12 +223,17 @@ class DiffusersBackend:
         from sd_endpoint.model.pipeline import build_pipeline
 
         p = self.pipe
+        unet = self.raw_unet if eager or spec.task != "text-to-image" else p.unet
+        if spec.cache_interval > 1:
+            from sd_endpoint.backends.deepcache import DeepCacheUNet
+
+            unet = DeepCacheUNet(self.raw_unet, spec.cache_interval)  # this call's own cache
         return build_pipeline(
             spec.task,
             vae=p.vae,
             text_encoder=p.text_encoder,
             tokenizer=p.tokenizer,
-            unet=self._raw_unet if eager or spec.task != "text-to-image" else p.unet,
+            unet=unet,
             scheduler=self.make_scheduler(spec.scheduler),
         )
 
@@ -270,7 +275,7 @@ class DiffusersBackend:
         do_cfg = spec.guidance_scale > 1
         # Text encoding as __call__ does it, under a lock: a fast tokenizer shared between threads
         # raises "Already borrowed" when two calls change its truncation settings at once.
-        with self._lock:
+        with self.lock:
             prompt_embeds, negative_embeds = pipe.encode_prompt(
                 [t.prompt for t in tasks],
                 self.device,
@@ -310,7 +315,7 @@ class DiffusersBackend:
 
     def vae_fp32(self) -> Any:
         """An fp32 copy of the VAE, made on first need (the shared one may be in use by other threads)."""
-        with self._lock:
+        with self.lock:
             if self._vae32 is None:
                 import copy
 

@@ -155,7 +155,7 @@ class UNetRunner(torch.nn.Module):
         device, dtype = self.unet.device, self.unet.dtype
         times = []
         with torch.inference_mode():
-            sample, timestep, context = self._dummy(key, device, dtype)
+            sample, timestep, context = self.dummy(key, device, dtype)
             for _ in range(repeats + 1):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -177,7 +177,7 @@ class UNetRunner(torch.nn.Module):
         ordered = sorted(set(keys), key=lambda k: (-k[0][0], k))
         device, dtype = self.unet.device, self.unet.dtype
         with torch.inference_mode():
-            inputs = {k: self._dummy(k, device, dtype) for k in ordered}
+            inputs = {k: self.dummy(k, device, dtype) for k in ordered}
             for k in ordered:  # compile / autotune / allocate workspaces
                 self._call(*inputs[k])
                 self._warm.add(k)
@@ -199,7 +199,7 @@ class UNetRunner(torch.nn.Module):
         return seconds
 
     @staticmethod
-    def _dummy(key: ShapeKey, device: Any, dtype: Any) -> tuple[Any, Any, Any]:
+    def dummy(key: ShapeKey, device: Any, dtype: Any) -> tuple[Any, Any, Any]:
         gen = torch.Generator(device="cpu").manual_seed(0)
         sample = torch.randn(key[0], generator=gen).to(device=device, dtype=dtype)
         context = torch.randn(key[1], generator=gen).to(device=device, dtype=dtype)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import sys
 
 if "--worker" in sys.argv[1:]:
+    from sd_endpoint.cpu_policy import prefer_passive_waits
+
+    prefer_passive_waits()  # before the runner imports torch
     from sd_endpoint.batch.worker import worker_main
 
     sys.exit(worker_main())

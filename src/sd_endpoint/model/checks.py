@@ -98,8 +98,16 @@ def checkpoint_family(file: Path, shapes: Mapping[str, tuple[int, ...]], config_
     ``shapes`` maps tensor names to shapes (see ``checkpoint_shapes``); widths are compared with the
     configs in ``config_dir``, the ones the pipeline will be built from.
     """
-    names = list(shapes)
-    expected = "expected an original-format SD 2.x checkpoint such as v2-1_768-ema-pruned.safetensors"
+    _check_parts(file, list(shapes))
+    _check_widths(file, shapes, config_dir)
+
+
+_EXPECTED = "expected an original-format SD 2.x checkpoint such as v2-1_768-ema-pruned.safetensors"
+
+
+def _check_parts(file: Path, names: list[str]) -> None:
+    """The tensor names: SDXL's or SD 1.x's text encoders, a lone diffusers component, missing parts."""
+    expected = _EXPECTED
 
     def has(prefix: str) -> bool:
         return any(n.startswith(prefix) for n in names)
@@ -128,6 +136,11 @@ def checkpoint_family(file: Path, shapes: Mapping[str, tuple[int, ...]], config_
             f"{expected}."
         )
 
+
+def _check_widths(file: Path, shapes: Mapping[str, tuple[int, ...]], config_dir: Path) -> None:
+    """The shapes against SD 2.x's configs: UNet input channels, cross-attention and text widths, depth."""
+    expected = _EXPECTED
+    names = list(shapes)
     unet_cfg = _read_json(config_dir / "unet" / "config.json")
     text_cfg = _read_json(config_dir / "text_encoder" / "config.json")
     in_shape = shapes.get(_LDM_UNET + "input_blocks.0.0.weight")

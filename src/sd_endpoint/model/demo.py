@@ -108,6 +108,19 @@ def build_demo_pipeline(*, full_size: bool = False, seed: int = 0, cache_dir: Pa
     )
 
 
+def _save_quietly(pipe: Any, out_dir: Path) -> None:
+    """save_pretrained without transformers' one-step "Writing model shards" progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def write_demo_model(out_dir: Path, *, full_size: bool = False, seed: int = 0, cache_dir: Path | None = None) -> Path:
     """Save the demo pipeline as a diffusers folder (fp16 safetensors for the full-size one)."""
     import torch
@@ -117,7 +130,7 @@ def write_demo_model(out_dir: Path, *, full_size: bool = False, seed: int = 0, c
         # Real deployments ship fp16 weights; the cold-start benchmark loads exactly those bytes.
         pipe.to(torch.float16)
     out_dir = Path(out_dir)
-    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    _save_quietly(pipe, out_dir)
     # transformers 5 writes only tokenizer.json; keep vocab.json/merges.txt too so transformers 4 loads it.
     tok_src = cached_tokenizer_dir(cache_dir or Path(tempfile.gettempdir()) / "sd-endpoint-cache")
     for name in ("vocab.json", "merges.txt"):

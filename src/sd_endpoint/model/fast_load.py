@@ -9,17 +9,21 @@ more with ``pipe.to``. Here instead:
    wants it) in NHWC layout;
 2. worker threads read the files in 16 MiB pieces with ``O_DIRECT`` - from the disk into a small aligned
    staging buffer per worker (pinned for CUDA), bypassing the page cache, which on the development VM cut
-   the kernel's CPU time for reading the UNet from 1.1-1.7 s to 0.1 s and halved the read time - and one
-   ``copy_`` per piece converts the dtype, changes the layout and/or uploads. No whole-model copy ever
-   exists in host memory, and the page cache does not fill up with a second copy of the weights;
+   the kernel's CPU time for reading the UNet from 1.1-1.7 s to 0.1 s and halved the read time. On the CPU
+   one ``copy_`` per piece converts the dtype and/or changes the layout. On CUDA each raw piece is uploaded
+   as it is, with a non-blocking copy from the pinned buffer on the worker's own stream, and converted on
+   the GPU; the worker reads the next piece into its other buffer meanwhile, and reuses a buffer only after
+   the event recorded behind its upload says the copy finished. No whole-model copy ever exists in host
+   memory, and the page cache does not fill up with a second copy of the weights;
 3. meanwhile the main thread builds the modules with their parameters on the ``meta`` device (no random
    initialisation, no memory) and then adopts the loaded tensors with ``load_state_dict(assign=True)``.
 
 Reads and conversions release the GIL, so the workers overlap disk, copies and module construction. The
 service starts the reading as early as it can: ``start_load`` begins filling the destination tensors as soon
 as torch is imported, before diffusers and transformers, whose imports take seconds of single-threaded
-Python; ``load_folder`` then builds the modules and waits for whatever is left. Where ``O_DIRECT`` is refused
-(tmpfs, some network file systems) the same reads go through the page cache.
+Python, and returns the ``PendingLoad``; whoever started it passes it on to ``load_folder`` (through
+``loader.load_pipeline(..., early=...)``), which builds the modules and waits for whatever is left. Where
+``O_DIRECT`` is refused (tmpfs, some network file systems) the same reads go through the page cache.
 
 Anything this loader does not recognise exactly - ``.bin`` weights, tensor names that differ from the
 module's (old checkpoints that need diffusers' key conversions), modules that keep parts in fp32 - raises
@@ -117,12 +121,13 @@ def _pread_into(fd: int, view: memoryview, offset: int, need: int) -> int:
 
 
 class _Staging:
-    """A worker's reusable, page-aligned bounce buffer (pinned when the destination is a GPU)."""
+    """A page-aligned bounce buffer (pinned when the destination is a GPU), grown on demand."""
 
     def __init__(self, torch: Any, pinned: bool) -> None:
         self.torch = torch
         self.pinned = pinned
         self.buf: Any = None
+        self.event: Any = None  # CUDA: recorded behind the upload that reads this buffer
 
     def get(self, size: int) -> Any:
         if self.buf is None or self.buf.numel() < size:
@@ -130,6 +135,22 @@ class _Staging:
             pad = -raw.data_ptr() % ALIGN
             self.buf = raw[pad : pad + raw.numel() - 2 * ALIGN]
         return self.buf[:size]
+
+
+class _StagingRing:
+    """A worker's staging buffers, used in turn; a buffer is handed out again only once its upload is done."""
+
+    def __init__(self, torch: Any, pinned: bool, slots: int) -> None:
+        self.slots = [_Staging(torch, pinned) for _ in range(slots)]
+        self.next = 0
+
+    def acquire(self) -> _Staging:
+        slot = self.slots[self.next]
+        self.next = (self.next + 1) % len(self.slots)
+        if slot.event is not None:
+            slot.event.synchronize()  # the non-blocking copy out of this buffer has finished
+            slot.event = None
+        return slot
 
 
 def _read(piece: _Piece, staging: _Staging) -> Any:
@@ -187,20 +208,44 @@ class _Reader:
 
     def _work(self) -> None:
         torch = self.torch
-        staging = _Staging(torch, pinned=self.device.type == "cuda")
-        while True:
-            piece = self.pieces.get()
-            if piece is None:
-                return
-            if self.errors:
-                continue
-            try:
-                src = _read(piece, staging).view(piece.src_dtype).view(piece.dst.shape)
-                piece.dst.copy_(src)  # dtype conversion, layout change and/or upload in one pass
-                with self._lock:
-                    self.bytes += piece.nbytes
-            except BaseException as exc:  # noqa: BLE001 - re-raised by finish() on the caller's thread
-                self.errors.append(exc)
+        cuda = self.device.type == "cuda"
+        # CUDA: two pinned buffers (one uploading while the next piece is read into the other), own stream.
+        ring = _StagingRing(torch, pinned=cuda, slots=2 if cuda else 1)
+        stream = torch.cuda.Stream(device=self.device) if cuda else None
+        try:
+            while True:
+                piece = self.pieces.get()
+                if piece is None:
+                    return
+                if self.errors:
+                    continue
+                try:
+                    staging = ring.acquire()
+                    raw = _read(piece, staging)
+                    if stream is None:
+                        # dtype conversion and/or layout change in one pass on the CPU
+                        piece.dst.copy_(raw.view(piece.src_dtype).view(piece.dst.shape))
+                    else:
+                        staging.event = _upload(torch, stream, raw, piece)
+                    with self._lock:
+                        self.bytes += piece.nbytes
+                except BaseException as exc:  # noqa: BLE001 - re-raised by finish() on the caller's thread
+                    self.errors.append(exc)
+        finally:
+            if stream is not None:
+                stream.synchronize()  # every upload and conversion of this worker is done
+
+
+def _upload(torch: Any, stream: Any, raw: Any, piece: _Piece) -> Any:
+    """Copy the raw bytes to the GPU without blocking, convert there; returns the event behind the copy."""
+    with torch.cuda.stream(stream):
+        on_device = torch.empty(raw.numel(), dtype=torch.uint8, device=piece.dst.device)
+        on_device.copy_(raw, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+        # Conversion (and NHWC layout) on the GPU; ``on_device`` is freed in this stream's order.
+        piece.dst.copy_(on_device.view(piece.src_dtype).view(piece.dst.shape))
+    return copied
 
 
 def _plan_file(
@@ -371,50 +416,44 @@ class PendingLoad:
             f.close()
         self._files = []
 
-
-_pending: PendingLoad | None = None
+    def discard(self) -> None:
+        """Nobody will adopt these tensors: let the readers finish and drop them."""
+        try:
+            self.result()
+        except Exception:  # noqa: BLE001 - the caller reads again or has failed already
+            pass
+        self.tensors = {c: {} for c in COMPONENTS}
 
 
 def start_load(
     folder: Path, device: str, dtype_name: str, variant: str | None = None, *, channels_last: bool = False
 ) -> PendingLoad | None:
-    """Begin reading the weights now (call it right after torch is imported); ``load_folder`` finishes it.
+    """Begin reading the weights now (call it right after torch is imported); pass the result on to
+    ``load_folder``, which finishes it. None when this folder needs another loader.
 
     ``channels_last`` puts the UNet's and VAE's conv weights in NHWC as they are read.
     """
-    global _pending
-    discard_pending()
     try:
-        _pending = PendingLoad(folder, device, dtype_name, variant, channels_last=channels_last)
+        return PendingLoad(folder, device, dtype_name, variant, channels_last=channels_last)
     except (FastLoadUnsupported, ModelLoadError, OSError, ValueError, KeyError) as exc:
         log.debug("No early weight load: %s", exc)  # loading itself reports what is wrong
         return None
-    return _pending
 
 
-def discard_pending() -> None:
-    """Stop waiting for an early load nobody will take (its reads finish; torch's threads are restored)."""
-    global _pending
-    if _pending is not None:
-        try:
-            _pending.result()
-        except Exception:  # noqa: BLE001 - nobody wants these tensors; load_folder reads again
-            pass
-        _pending = None
-
-
-def load_folder(folder: Path, device: str, dtype_name: str, variant: str | None = None) -> Any:
+def load_folder(
+    folder: Path, device: str, dtype_name: str, variant: str | None = None, *, early: PendingLoad | None = None
+) -> Any:
     """Load a diffusers SD folder to ``device``/``dtype_name``; raises FastLoadUnsupported to ask for a fallback.
 
-    Finishes the load ``start_load`` began for the same arguments (in the memory format it chose), or reads
-    the folder now, in the default layout.
+    Finishes ``early`` (what ``start_load`` began) when it was started for the same arguments, in the memory
+    format it chose; otherwise reads the folder now, in the default layout.
     """
-    global _pending
     key = (str(folder), device, dtype_name, variant)
-    if _pending is not None and _pending.key == key:
-        pending, _pending = _pending, None
+    if early is not None and early.key == key:
+        pending = early
     else:
-        discard_pending()
+        if early is not None:
+            early.discard()
         pending = PendingLoad(folder, device, dtype_name, variant)
     try:  # whatever fails here, result() below ends the reads and restores torch's thread count
         index = json.loads((folder / "model_index.json").read_text())

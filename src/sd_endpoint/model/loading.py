@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd_endpoint.errors import ModelLoadError
 from sd_endpoint.model.checks import check_diffusers_folder, checkpoint_family, checkpoint_shapes
@@ -14,15 +14,22 @@ from sd_endpoint.model.discovery import ModelSource
 from sd_endpoint.model.placement import Placement
 from sd_endpoint.model.weights import choose_variant
 
+if TYPE_CHECKING:
+    from sd_endpoint.model.fast_load import PendingLoad
+
 log = logging.getLogger(__name__)
 
 
-def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) -> Any:
-    """Load a StableDiffusionPipeline for the source, straight to the chosen dtype, then to the device."""
+def load_pipeline(
+    source: ModelSource, placement: Placement, cache_dir: Path, *, early: PendingLoad | None = None
+) -> Any:
+    """Load a StableDiffusionPipeline for the source, straight to the chosen dtype, then to the device.
+
+    ``early`` is the weight read ``fast_load.start_load`` began for this folder, if any (create_backend):
+    the fast loader finishes it; whatever path is taken instead stops it."""
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from sd_endpoint.model import fast_load
     from sd_endpoint.model.demo import cached_demo_model
 
     dtype = getattr(torch, placement.dtype_name)
@@ -41,7 +48,8 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
             folder = Path(location)
             variant = choose_variant(folder, placement.dtype_name)
             check_diffusers_folder(folder, variant)
-            pipe = _load_folder_fast(folder, placement, variant)
+            pipe = _load_folder_fast(folder, placement, variant, early)
+            early = None  # handed over: load_folder finished or discarded it
             if pipe is None:
                 pipe = StableDiffusionPipeline.from_pretrained(
                     str(folder), local_files_only=True, variant=variant, **common
@@ -51,11 +59,15 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
         else:
             pipe = StableDiffusionPipeline.from_pretrained(location, **common)
     except ModelLoadError:
-        fast_load.discard_pending()  # an early read nobody will take: stop it (and restore torch's threads)
+        if early is not None:
+            early.discard()  # an early read nobody will take: stop it (and restore torch's threads)
         raise
     except Exception as exc:  # library errors: name the path and keep the library's words
-        fast_load.discard_pending()
+        if early is not None:
+            early.discard()
         raise ModelLoadError(f"{location}: could not load the model: {type(exc).__name__}: {exc}") from exc
+    if early is not None:  # started for a folder, but this source is not one
+        early.discard()
     pipe.to(placement.device)  # a no-op for the fast loader, which loads to the device directly
     pipe.set_progress_bar_config(disable=True)
     log.info(
@@ -70,12 +82,12 @@ def load_pipeline(source: ModelSource, placement: Placement, cache_dir: Path) ->
     return pipe
 
 
-def _load_folder_fast(folder: Path, placement: Placement, variant: str | None) -> Any:
+def _load_folder_fast(folder: Path, placement: Placement, variant: str | None, early: PendingLoad | None) -> Any:
     """The fast loader (model/fast_load.py), or None when the folder needs from_pretrained's conversions."""
     from sd_endpoint.model.fast_load import FastLoadUnsupported, load_folder
 
     try:
-        return load_folder(folder, placement.device, placement.dtype_name, variant)
+        return load_folder(folder, placement.device, placement.dtype_name, variant, early=early)
     except FastLoadUnsupported as exc:
         log.info("Loading with from_pretrained instead of the fast loader: %s", exc)
         return None

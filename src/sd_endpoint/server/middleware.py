@@ -152,7 +152,7 @@ class RequestContextMiddleware:
         path = _bounded(path)
         if status >= 500 and status != 503:
             level = logging.WARNING
-        elif path in QUIET_PATHS and status < 400:
+        elif path in QUIET_PATHS and (status < 400 or status == 503):  # probes, also while not ready yet
             level = logging.DEBUG
         else:
             level = logging.INFO
