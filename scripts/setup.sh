@@ -8,8 +8,9 @@ PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 # A real headless browser for the playground test (tests/server/test_playground_browser.py): Debian's chromium
 # and its matching driver, and curl (the test runs the command the page shows). Checked before the quick exit
-# below, and skipped when all three are installed.
-if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v curl >/dev/null; then
+# below, and skipped when all three are installed. Only the test setup asks for it (`make test` sets
+# SD_ENDPOINT_SETUP_BROWSER=1): serving needs no browser.
+if [ "${SD_ENDPOINT_SETUP_BROWSER:-0}" = 1 ] && { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null || ! command -v curl >/dev/null; }; then
   if command -v apt-get >/dev/null; then
     echo "setup: installing chromium + chromium-driver + curl (apt) ..." >&2
     as_root=""
