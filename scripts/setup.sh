@@ -18,7 +18,7 @@ if [ "${SD_ENDPOINT_SETUP_BROWSER:-0}" = 1 ] && { ! command -v chromium >/dev/nu
     $as_root apt-get update -q >&2
     DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -q --no-install-recommends chromium chromium-driver curl >&2
   else
-    # Without the browser the playground test skips on a workstation and fails in CI.
+    # Without the browser the playground test fails.
     echo "setup: no apt-get here; install Chromium, chromedriver and curl for the playground test" >&2
   fi
 fi
