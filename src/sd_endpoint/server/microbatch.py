@@ -180,10 +180,11 @@ class MicroBatcher:
             pending, self._pending = list(self._pending), deque()
             running = list(self._running)
             self._cond.notify_all()
-        for job in pending:
-            self._post(job, ServiceUnavailable("The server is shutting down."))
+        # Stop the running call first, so that whoever sees the queued 503s also sees it stopping.
         for job in running:
             job.cancel.cancel("server shutting down")
+        for job in pending:
+            self._post(job, ServiceUnavailable("The server is shutting down."))
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
