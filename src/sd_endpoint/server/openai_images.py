@@ -40,10 +40,11 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match
 
 from sd_endpoint import images_in
-from sd_endpoint.contract import OutputFormat, decode_body
+from sd_endpoint.contract import OutputFormat
 from sd_endpoint.errors import EndpointError, InvalidRequest, ServiceUnavailable, UnsupportedMediaType
 from sd_endpoint.imaging import MEDIA_TYPES, encode_image
 from sd_endpoint.jobs import SchedulerName
+from sd_endpoint.request_parsing import decode_body
 from sd_endpoint.server.image_store import ImageStore
 from sd_endpoint.server.middleware import STATE_KEY
 from sd_endpoint.server.routes import check_content_type, read_body, run_score
