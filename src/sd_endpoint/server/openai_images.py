@@ -44,9 +44,10 @@ from sd_endpoint.contract import OutputFormat, decode_body
 from sd_endpoint.errors import EndpointError, InvalidRequest, ServiceUnavailable, UnsupportedMediaType
 from sd_endpoint.imaging import MEDIA_TYPES, encode_image
 from sd_endpoint.jobs import SchedulerName
+from sd_endpoint.server.body import check_content_type, read_body
 from sd_endpoint.server.image_store import ImageStore
 from sd_endpoint.server.middleware import STATE_KEY
-from sd_endpoint.server.routes import check_content_type, read_body, run_score
+from sd_endpoint.server.routes import run_score
 
 GENERATIONS_PATH = "/v1/images/generations"
 EDITS_PATH = "/v1/images/edits"
