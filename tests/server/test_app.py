@@ -187,6 +187,18 @@ def test_swagger_json_versions_as_azmlinfsrv(client: TestClient) -> None:
     assert bad.json()["message"] == "Swagger version [9] is not valid. Supported versions: ['2', '3', '3.1']"
 
 
+def test_swagger_2_keeps_media_types_examples_and_response_headers(client: TestClient) -> None:
+    v2 = client.get("/swagger.json").json()
+    health = v2["paths"]["/"]["get"]
+    assert health["produces"] == ["text/plain"]
+    assert health["responses"]["200"]["examples"] == {"text/plain": "Healthy"}
+    assert v2["paths"]["/v1/images/edits"]["post"]["consumes"] == ["multipart/form-data"]
+    score = v2["paths"]["/score"]["post"]
+    assert (score["consumes"], score["produces"]) == (["application/json"], ["application/json"])
+    assert score["responses"]["429"]["headers"]["Retry-After"]["type"] == "integer"
+    assert score["responses"]["401"]["headers"]["WWW-Authenticate"]["type"] == "string"
+
+
 # ------------------------------------------------------------------------------------------------
 # Request ids
 
@@ -223,6 +235,7 @@ def test_ids_over_100_characters_get_431(client: TestClient, header: str) -> Non
     assert resp.status_code == 431
     assert "must not exceed 100 characters" in resp.json()["message"]
     assert header in resp.json()["message"]
+    assert resp.headers["x-ms-request-id"] == resp.headers["x-request-id"]  # fresh ids, as for any answer
 
 
 # ------------------------------------------------------------------------------------------------

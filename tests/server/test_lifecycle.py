@@ -184,5 +184,6 @@ def test_past_the_shutdown_grace_the_generation_is_stopped_and_the_process_exits
     (result,) = outcome
     assert isinstance(result, httpx.Response), result
     assert result.status_code == 503 and "SD_ENDPOINT_SHUTDOWN_GRACE_S" in result.json()["message"]
+    assert result.headers["retry-after"] == "5"
     logs = server.logs()
     assert "Generation stopped after" in logs and "server shutting down" in logs

@@ -78,6 +78,28 @@ def request_id_headers(headers: Headers) -> dict[str, str]:
     return out
 
 
+def _ids_or_refusal(headers: Headers) -> tuple[dict[str, str], RequestHeaderTooLarge | None]:
+    """The response's id headers, or fresh ones and the 431 to answer when an id header is too long."""
+    try:
+        return request_id_headers(headers), None
+    except RequestHeaderTooLarge as exc:
+        rid = str(uuid.uuid4())
+        return {"x-request-id": rid, "x-ms-request-id": rid}, exc
+
+
+def _shutdown_answer() -> JSONResponse:
+    body = {
+        "message": "The server is shutting down and the request did not finish within "
+        "SD_ENDPOINT_SHUTDOWN_GRACE_S; retry."
+    }
+    return JSONResponse(body, 503, headers={"Retry-After": "5"})
+
+
+def _unexpected_error(rid: str) -> JSONResponse:
+    body = {"message": f"An unexpected error occurred; see the server log (request id {rid})."}
+    return JSONResponse(body, 500)
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -93,13 +115,7 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})[STATE_KEY] = info
         status = 500
         response_started = False
-        refused: RequestHeaderTooLarge | None = None
-        try:
-            id_headers = request_id_headers(Headers(scope=scope))
-        except RequestHeaderTooLarge as exc:
-            refused = exc
-            id_headers = {"x-request-id": str(uuid.uuid4())}
-            id_headers["x-ms-request-id"] = id_headers["x-request-id"]
+        id_headers, refused = _ids_or_refusal(Headers(scope=scope))
         ctx_token = request_id.set(id_headers["x-request-id"])
 
         async def send_with_headers(message: Message) -> None:
@@ -127,19 +143,11 @@ class RequestContextMiddleware:
             info.setdefault("error", "the server shut down before the request finished")
             if response_started:
                 raise
-            body = {
-                "message": "The server is shutting down and the request did not finish within "
-                "SD_ENDPOINT_SHUTDOWN_GRACE_S; retry."
-            }
-            await JSONResponse(body, 503, headers={"Retry-After": "5"})(scope, receive, send_with_headers)
+            await _shutdown_answer()(scope, receive, send_with_headers)
         except Exception:
             log.exception("Unhandled error while serving %s %s", scope.get("method"), path)
             if not response_started:
-                body = {
-                    "message": f"An unexpected error occurred; see the server log (request id "
-                    f"{id_headers['x-request-id']})."
-                }
-                await JSONResponse(body, 500)(scope, receive, send_with_headers)
+                await _unexpected_error(id_headers["x-request-id"])(scope, receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - started
             metrics.REQUESTS.labels(route, str(status)).inc()

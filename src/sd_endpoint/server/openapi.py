@@ -173,64 +173,10 @@ def _form_parameters(schema: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _to_swagger_2(doc: dict[str, Any]) -> dict[str, Any]:
-    paths: dict[str, Any] = {}
-    for path, item in doc.get("paths", {}).items():
-        paths[path] = {}
-        for method, op in item.items():
-            if not isinstance(op, dict):
-                continue
-            new_op: dict[str, Any] = {
-                k: copy.deepcopy(v) for k, v in op.items() if k in ("summary", "description", "operationId", "tags")
-            }
-            if "security" in op:
-                new_op["security"] = copy.deepcopy(op["security"])
-            params = []
-            for param in op.get("parameters", []):
-                p = {k: v for k, v in param.items() if k in ("name", "in", "required", "description")}
-                p.update({k: v for k, v in _schema(param.get("schema", {}), "2").items() if k != "title"})
-                params.append(p)
-            body = op.get("requestBody")
-            if body and list(body.get("content", {})) == ["multipart/form-data"]:
-                # Swagger 2 has no multipart body schema: each part is a formData parameter (a file or a value).
-                params += _form_parameters(body["content"]["multipart/form-data"].get("schema", {}))
-                new_op["consumes"] = ["multipart/form-data"]
-            elif body:
-                content = body.get("content", {})
-                media: dict[str, Any] = content.get("application/json") or next(iter(content.values()), {})
-                params.append(
-                    {
-                        "name": "serviceInputPayload",  # azmlinfsrv's name for the /score body
-                        "in": "body",
-                        "required": bool(body.get("required")),
-                        "description": body.get("description", "The request body."),
-                        "schema": _schema(media.get("schema", {}), "2"),
-                    }
-                )
-                new_op["consumes"] = list(content)
-            if params:
-                new_op["parameters"] = params
-            responses: dict[str, Any] = {}
-            produces: list[str] = []
-            for status, response in op.get("responses", {}).items():
-                r: dict[str, Any] = {"description": response.get("description", "")}
-                content = response.get("content", {})
-                if content:
-                    media_type, media = next(iter(content.items()))
-                    produces += [mt for mt in content if mt not in produces]
-                    if "schema" in media:
-                        r["schema"] = _schema(media["schema"], "2")
-                    if "example" in media:
-                        r["examples"] = {media_type: media["example"]}
-                if "headers" in response:
-                    r["headers"] = {
-                        name: {"description": h.get("description", ""), **_schema(h.get("schema", {}), "2")}
-                        for name, h in response["headers"].items()
-                    }
-                responses[str(status)] = r
-            new_op["responses"] = responses
-            if produces:
-                new_op["produces"] = produces
-            paths[path][method] = new_op
+    paths = {
+        path: {method: _swagger_operation(op) for method, op in item.items() if isinstance(op, dict)}
+        for path, item in doc.get("paths", {}).items()
+    }
     schemas = doc.get("components", {}).get("schemas", {})
     return {
         "swagger": "2.0",
@@ -249,3 +195,65 @@ def _to_swagger_2(doc: dict[str, Any]) -> dict[str, Any]:
         "paths": paths,
         "definitions": {name: _schema(s, "2") for name, s in schemas.items()},
     }
+
+
+def _swagger_operation(op: dict[str, Any]) -> dict[str, Any]:
+    """One OpenAPI 3 operation in Swagger 2.0: the body becomes a parameter, media types consumes/produces."""
+    new_op: dict[str, Any] = {
+        k: copy.deepcopy(v) for k, v in op.items() if k in ("summary", "description", "operationId", "tags")
+    }
+    if "security" in op:
+        new_op["security"] = copy.deepcopy(op["security"])
+    params = []
+    for param in op.get("parameters", []):
+        p = {k: v for k, v in param.items() if k in ("name", "in", "required", "description")}
+        p.update({k: v for k, v in _schema(param.get("schema", {}), "2").items() if k != "title"})
+        params.append(p)
+    body = op.get("requestBody")
+    if body and list(body.get("content", {})) == ["multipart/form-data"]:
+        # Swagger 2 has no multipart body schema: each part is a formData parameter (a file or a value).
+        params += _form_parameters(body["content"]["multipart/form-data"].get("schema", {}))
+        new_op["consumes"] = ["multipart/form-data"]
+    elif body:
+        params.append(_body_parameter(body))
+        new_op["consumes"] = list(body.get("content", {}))
+    if params:
+        new_op["parameters"] = params
+    responses: dict[str, Any] = {}
+    produces: list[str] = []
+    for status, response in op.get("responses", {}).items():
+        responses[str(status)] = _swagger_response(response)
+        produces += [mt for mt in response.get("content", {}) if mt not in produces]
+    new_op["responses"] = responses
+    if produces:
+        new_op["produces"] = produces
+    return new_op
+
+
+def _body_parameter(body: dict[str, Any]) -> dict[str, Any]:
+    content = body.get("content", {})
+    media: dict[str, Any] = content.get("application/json") or next(iter(content.values()), {})
+    return {
+        "name": "serviceInputPayload",  # azmlinfsrv's name for the /score body
+        "in": "body",
+        "required": bool(body.get("required")),
+        "description": body.get("description", "The request body."),
+        "schema": _schema(media.get("schema", {}), "2"),
+    }
+
+
+def _swagger_response(response: dict[str, Any]) -> dict[str, Any]:
+    r: dict[str, Any] = {"description": response.get("description", "")}
+    content = response.get("content", {})
+    if content:
+        media_type, media = next(iter(content.items()))
+        if "schema" in media:
+            r["schema"] = _schema(media["schema"], "2")
+        if "example" in media:
+            r["examples"] = {media_type: media["example"]}
+    if "headers" in response:
+        r["headers"] = {
+            name: {"description": h.get("description", ""), **_schema(h.get("schema", {}), "2")}
+            for name, h in response["headers"].items()
+        }
+    return r
