@@ -29,6 +29,7 @@ from sd_endpoint.errors import EndpointError
 from sd_endpoint.net import is_loopback
 from sd_endpoint.server import openai_images, openapi, playground
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
+from sd_endpoint.server.protocol import JsonErrorsH11Protocol
 from sd_endpoint.server.routes import router
 from sd_endpoint.server.state import ServerState
 from sd_endpoint.service import GenerationService
@@ -171,8 +172,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         lifespan="on",
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
         server_header=False,
-        # Past this many open connections uvicorn answers 503 itself (plain text: before our app runs).
+        # Past this many open connections: a JSON 503 with Retry-After, before the app runs.
         limit_concurrency=settings.max_connections,
+        http=JsonErrorsH11Protocol,  # uvicorn's own 400/503 answers as {"message"} JSON
     )
 
 
