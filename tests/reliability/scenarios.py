@@ -517,15 +517,32 @@ def malformed_http(server: FakeServer) -> Counter[str]:
     and the server still serving afterwards."""
     out: Counter[str] = Counter()
     port = int(server.url.rsplit(":", 1)[1])
+    before = server.metrics()
     for name, request in MALFORMED_HTTP.items():
         status, headers, payload = _raw_exchange(port, request)
         assert status == 400, (name, status, payload)
         _check_json_error(status, headers, payload)
         assert headers.get("connection") == "close", (name, headers)
         out["400 JSON"] += 1
+    # The broken chunk reaches the app mid-body: it must end as a client that went away (499), not a 500.
+    _wait_for(
+        lambda: (
+            server.metrics().get('sd_requests_total{route="/score",status="499"}', 0)
+            > before.get('sd_requests_total{route="/score",status="499"}', 0)
+        )
+    )
+    fives = {k: v for k, v in server.metrics().items() if 'status="5' in k and v != before.get(k, 0)}
+    assert not fives, fives
     resp = httpx.post(f"{server.url}/score", json=body("after", 1, 0), timeout=60)
     assert resp.status_code == 200
     return out
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
 
 
 def connection_cap(server: FakeServer, limit: int) -> Counter[str]:

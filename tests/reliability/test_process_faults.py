@@ -21,7 +21,7 @@ def test_sigkill_under_load_then_restart_back_to_ready(tiny_model_dir: Path, cac
 
 @pytest.mark.timeout(1800)
 def test_batch_killed_mid_run_resumes_without_loss(tiny_model_dir: Path, cache_dir: Path, tmp_path: Path) -> None:
-    """Breaks if images were written in place (a partial PNG on disk) or the rerun redid or skipped rows."""
+    """Breaks if the rerun stops skipping images already on disk (BatchRunner._done): the counts move."""
     outcome = process_faults.batch_killed_and_resumed(tiny_model_dir, cache_dir, tmp_path, prompts=16)
     assert outcome["rows in predictions.csv"] == 16
     assert outcome["images before the kill"] + outcome["generated on the rerun"] == 16

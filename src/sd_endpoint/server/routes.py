@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect
 
 from sd_endpoint import metrics
 from sd_endpoint.contract import ErrorBody, ImageRecord, ScoreRequest
@@ -402,6 +403,8 @@ async def read_body(request: Request, limit: int, chunk_timeout_s: float | None 
                 chunk = await anext(stream)
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # gone mid-body (or its framing broke and the protocol answered 400 and closed)
+            raise GenerationCancelled("The client closed the connection while sending the body.") from None
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body did not arrive: no data for {chunk_timeout_s:g} s after {received} bytes "
