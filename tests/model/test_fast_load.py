@@ -198,21 +198,3 @@ def test_an_early_load_for_other_arguments_is_discarded(tiny_model_dir: Path, re
     assert early.tensors["unet"] == {}  # the early read was finished and dropped
     assert pipe.unet.dtype == torch.float32 and pipe.unet.conv_in.weight.is_contiguous()
     assert_same_weights(pipe, reference)
-
-
-def test_a_staging_buffer_is_reused_only_after_its_upload_finished() -> None:
-    class Event:
-        def __init__(self) -> None:
-            self.done = False
-
-        def synchronize(self) -> None:
-            self.done = True
-
-    ring = fast_load._StagingRing(torch, pinned=False, slots=2)
-    first = ring.acquire()
-    first.event = Event()  # an upload from it is in flight
-    second = ring.acquire()
-    assert second is not first and not first.event.done  # the other buffer: no wait
-    pending = first.event
-    again = ring.acquire()
-    assert again is first and pending.done and again.event is None  # waited for the copy first

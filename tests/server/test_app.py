@@ -74,6 +74,13 @@ def test_unknown_path_and_wrong_method_have_azmlinfsrv_bodies(client: TestClient
     assert options.status_code == 200 and options.content == b""
 
 
+def test_wrong_method_on_a_probe_names_its_method_in_allow(client: TestClient) -> None:
+    # The probes live in their own module; the 405's Allow must still see their routes.
+    for path in ("/", "/ready", "/metrics", "/swagger.json"):
+        wrong = client.post(path)
+        assert (wrong.status_code, wrong.headers["allow"]) == (405, "GET"), path
+
+
 def test_metrics_endpoint_counts_requests_by_route_and_status(client: TestClient) -> None:
     before = sample("sd_requests_total", route="/score", status="200")
     before_bad = sample("sd_requests_total", route="/score", status="400")

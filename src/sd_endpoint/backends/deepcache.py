@@ -17,36 +17,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
+from sd_endpoint.backends.unet_standin import UNetStandIn
 from sd_endpoint.jobs import MAX_CACHE_INTERVAL
 
 
-class DeepCacheUNet(torch.nn.Module):
+class DeepCacheUNet(UNetStandIn):
     """Looks like the UNet to the pipeline; runs the full network every ``interval`` calls."""
 
     def __init__(self, unet: Any, interval: int) -> None:
-        super().__init__()
+        super().__init__(unet)
         if not 1 <= interval <= MAX_CACHE_INTERVAL:
             raise ValueError(f"cache_interval must be 1 to {MAX_CACHE_INTERVAL}, got {interval}")
-        self.unet = unet
         self.interval = interval
         self.calls = 0
         self.full_calls = 0
         self._deep: Any = None  # the input of up_blocks[-1] at the last full step
-
-    # -- what the pipeline reads -------------------------------------------------------------
-    @property
-    def config(self) -> Any:
-        return self.unet.config
-
-    @property
-    def dtype(self) -> Any:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> Any:
-        return self.unet.device
 
     def forward(
         self, sample: Any, timestep: Any, encoder_hidden_states: Any = None, return_dict: bool = True, **kwargs: Any
@@ -57,11 +42,7 @@ class DeepCacheUNet(torch.nn.Module):
             out = self._full(sample, timestep, encoder_hidden_states, **kwargs)
         else:
             out = self._shallow(sample, timestep, encoder_hidden_states)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+        return self.unet_output(out, return_dict)
 
     def _full(self, sample: Any, timestep: Any, context: Any, **kwargs: Any) -> Any:
         kept: list[Any] = []

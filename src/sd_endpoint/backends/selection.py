@@ -97,6 +97,16 @@ def _default_factory(base: DiffusersBackend, shapes: Sequence[WarmShape]) -> Fas
     return DeepSpeedBackend.create(base, shapes)
 
 
+class _Rejected(Exception):
+    """The DeepSpeed path did not qualify: why, the path to release (once built) and the error behind it."""
+
+    def __init__(self, reason: str, fast: FastBackend | None = None, cause: BaseException | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fast = fast
+        self.cause = cause
+
+
 def build_backend(
     settings: Settings,
     pipe: Any,
@@ -120,64 +130,76 @@ def build_backend(
     )
     base.optimisations.extend(prepared.notes)
     requested = settings.backend
-    device = str(base.device)
-    dtype = str(base.dtype).replace("torch.", "")
-
-    def serve_diffusers(reason: str) -> DiffusersBackend:
-        base.selection_reason = reason
-        if not base.warm_shapes:
-            base.warm(shapes)
-        log.info("Backend: diffusers (%s)", reason)
-        return base
-
-    def refuse_or_fall_back(reason: str, fast: FastBackend | None = None, exc: BaseException | None = None) -> Backend:
-        if fast is not None:
-            fast.release()  # its graphs and DeepSpeed's workspace (raw cudaMalloc, not torch's allocator)
-        if requested == "deepspeed":
-            raise ModelLoadError(f"SD_ENDPOINT_BACKEND=deepspeed: {reason}.") from exc
-        log.warning("%s; serving the diffusers path", reason, exc_info=exc is not None)
-        return serve_diffusers(f"auto: {reason}")
-
     if requested == "diffusers":
-        return serve_diffusers("SD_ENDPOINT_BACKEND=diffusers")
-    blocker = deepspeed_blocker(device, dtype, shapes, need_prebuilt=requested == "auto")
+        return _serve_diffusers(base, shapes, "SD_ENDPOINT_BACKEND=diffusers")
+    dtype = str(base.dtype).replace("torch.", "")
+    blocker = deepspeed_blocker(str(base.device), dtype, shapes, need_prebuilt=requested == "auto")
     if blocker is not None:
         if requested == "deepspeed":
             raise ModelLoadError(f"SD_ENDPOINT_BACKEND=deepspeed: {blocker}.")
-        return serve_diffusers(f"auto: DeepSpeed not used: {blocker}")
-
-    factory = deepspeed_factory or _default_factory
+        return _serve_diffusers(base, shapes, f"auto: DeepSpeed not used: {blocker}")
     try:
-        fast = factory(base, shapes)
-    except Exception as exc:  # noqa: BLE001 - kernels, JIT builds and capture fail in many ways
-        return refuse_or_fall_back(f"DeepSpeed path failed to start: {type(exc).__name__}: {exc}", exc=exc)
-    try:
-        layers = checks.layer_check(base.raw_unet, fast.raw_unet, shapes)
-        if not layers.passed:
-            return refuse_or_fall_back(f"DeepSpeed per-layer check failed: {layers.describe()}", fast)
-        ends = [checks.self_check(fast, base, shape) for shape in checks.one_shape_per_resolution(shapes)]
-    except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check
-        return refuse_or_fall_back(f"DeepSpeed checks failed to run: {type(exc).__name__}: {exc}", fast, exc)
-    failed = [c for c in ends if not c.passed]
-    if failed:
-        return refuse_or_fall_back(f"DeepSpeed self-check failed: {failed[0].describe()}", fast)
-    passed = f"per-layer check passed ({layers.describe()}); end-to-end: " + "; ".join(c.describe() for c in ends)
-    speed = ""
-    if requested == "auto":
-        base.warm(shapes)  # the diffusers path as it would serve these shapes alone
-        timed = timer or checks.time_unet
-        ds_s, base_s = timed(fast, shapes[0]), timed(base, shapes[0])
-        if ds_s is None or base_s is None:
-            return refuse_or_fall_back("DeepSpeed passed its checks but its speed could not be measured", fast)
-        check_speed = checks.SpeedCheck(ds_s, base_s, shapes[0])
-        speed = f"; {check_speed.describe()}"
-        if not check_speed.deepspeed_faster:
-            return refuse_or_fall_back(
-                f"DeepSpeed passed its checks but is not faster ({check_speed.describe()})", fast
-            )
-        base.release_warm()  # the DeepSpeed path serves the warm shapes; free the diffusers path's graphs
+        fast, passed = _qualify_deepspeed(
+            base, shapes, race=requested == "auto", factory=deepspeed_factory or _default_factory, timer=timer
+        )
+    except _Rejected as rejected:
+        if rejected.fast is not None:
+            rejected.fast.release()  # its graphs and DeepSpeed's workspace (raw cudaMalloc, not torch's allocator)
+        if requested == "deepspeed":
+            raise ModelLoadError(f"SD_ENDPOINT_BACKEND=deepspeed: {rejected.reason}.") from rejected.cause
+        log.warning("%s; serving the diffusers path", rejected.reason, exc_info=rejected.cause)
+        return _serve_diffusers(base, shapes, f"auto: {rejected.reason}")
     origin = "SD_ENDPOINT_BACKEND=deepspeed" if requested == "deepspeed" else "auto"
-    reason = f"{origin}: {passed}{speed}; shapes {shape_label(shapes)}"
+    reason = f"{origin}: {passed}; shapes {shape_label(shapes)}"
     base.selection_reason = "serves the shapes the DeepSpeed path did not capture, and DeepCache requests"
     log.info("Backend: deepspeed (%s)", reason)
     return RoutingBackend(fast, base, reason)
+
+
+def _serve_diffusers(base: DiffusersBackend, shapes: Sequence[WarmShape], reason: str) -> DiffusersBackend:
+    base.selection_reason = reason
+    if not base.warm_shapes:
+        base.warm(shapes)
+    log.info("Backend: diffusers (%s)", reason)
+    return base
+
+
+def _qualify_deepspeed(
+    base: DiffusersBackend,
+    shapes: Sequence[WarmShape],
+    *,
+    race: bool,
+    factory: DeepSpeedFactory,
+    timer: UNetTimer | None,
+) -> tuple[FastBackend, str]:
+    """Start the DeepSpeed path and run its checks (and, when ``race``, the speed race against ``base``);
+    returns the path and what it passed, or raises _Rejected saying why not."""
+    try:
+        fast = factory(base, shapes)
+    except Exception as exc:  # noqa: BLE001 - kernels, JIT builds and capture fail in many ways
+        raise _Rejected(f"DeepSpeed path failed to start: {type(exc).__name__}: {exc}", cause=exc) from exc
+    try:
+        layers = checks.layer_check(base.raw_unet, fast.raw_unet, shapes)
+        if not layers.passed:
+            raise _Rejected(f"DeepSpeed per-layer check failed: {layers.describe()}", fast)
+        ends = [checks.self_check(fast, base, shape) for shape in checks.one_shape_per_resolution(shapes)]
+    except _Rejected:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a check that cannot run is a failed check
+        raise _Rejected(f"DeepSpeed checks failed to run: {type(exc).__name__}: {exc}", fast, exc) from exc
+    failed = [c for c in ends if not c.passed]
+    if failed:
+        raise _Rejected(f"DeepSpeed self-check failed: {failed[0].describe()}", fast)
+    passed = f"per-layer check passed ({layers.describe()}); end-to-end: " + "; ".join(c.describe() for c in ends)
+    if not race:
+        return fast, passed
+    base.warm(shapes)  # the diffusers path as it would serve these shapes alone
+    time_unet = timer or checks.time_unet
+    ds_s, base_s = time_unet(fast, shapes[0]), time_unet(base, shapes[0])
+    if ds_s is None or base_s is None:
+        raise _Rejected("DeepSpeed passed its checks but its speed could not be measured", fast)
+    speed = checks.SpeedCheck(ds_s, base_s, shapes[0])
+    if not speed.deepspeed_faster:
+        raise _Rejected(f"DeepSpeed passed its checks but is not faster ({speed.describe()})", fast)
+    base.release_warm()  # the DeepSpeed path serves the warm shapes; free the diffusers path's graphs
+    return fast, f"{passed}; {speed.describe()}"

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from sd_endpoint.backends.unet_standin import UNetStandIn
+
 log = logging.getLogger(__name__)
 
 ShapeKey = tuple[tuple[int, ...], tuple[int, ...]]  # (sample shape, encoder_hidden_states shape)
@@ -50,7 +52,7 @@ class _Graph:
         self.output = output
 
 
-class UNetRunner(torch.nn.Module):
+class UNetRunner(UNetStandIn):
     """Wraps a UNet; looks like one to the pipeline (config, dtype, device, in_channels)."""
 
     def __init__(
@@ -61,8 +63,7 @@ class UNetRunner(torch.nn.Module):
         strict: bool = False,
         label: str = "unet",
     ) -> None:
-        super().__init__()
-        self.unet = unet
+        super().__init__(unet)
         # `fast` (e.g. torch.compile(unet)) runs only the warm shapes; it must not be registered as a
         # submodule, or the UNet's weights would appear twice in state_dict.
         self._fast = fast
@@ -73,19 +74,7 @@ class UNetRunner(torch.nn.Module):
         self._lock = threading.Lock()
         self._pool: Any = None
 
-    # -- what the pipeline reads -------------------------------------------------------------
-    @property
-    def config(self) -> Any:
-        return self.unet.config
-
-    @property
-    def dtype(self) -> Any:
-        return self.unet.dtype
-
-    @property
-    def device(self) -> Any:
-        return self.unet.device
-
+    # -- what the pipeline reads (besides UNetStandIn's) -----------------------------------------
     @property
     def in_channels(self) -> int:
         return int(self.unet.config.in_channels)
@@ -125,11 +114,7 @@ class UNetRunner(torch.nn.Module):
                     "the router should have sent it to the diffusers path"
                 )
             return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
-        if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-            return UNet2DConditionOutput(sample=out)
-        return (out,)
+        return self.unet_output(out, return_dict)
 
     def _call(self, sample: Any, timestep: Any, context: Any) -> Any:
         fn = self._fast if self._fast is not None else self.unet

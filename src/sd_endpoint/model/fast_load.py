@@ -7,27 +7,28 @@ more with ``pipe.to``. Here instead:
 1. the safetensors headers are read first (a few kB), so every destination tensor is allocated at once on
    the target device, in the target dtype and (for the UNet's and VAE's convolutions, where the backend
    wants it) in NHWC layout;
-2. worker threads read the files in 16 MiB pieces with ``O_DIRECT`` - from the disk into a small aligned
-   staging buffer per worker (pinned for CUDA), bypassing the page cache, which on the development VM cut
-   the kernel's CPU time for reading the UNet from 1.1-1.7 s to 0.1 s and halved the read time. On the CPU
-   one ``copy_`` per piece converts the dtype and/or changes the layout. On CUDA each raw piece is uploaded
-   as it is, with a non-blocking copy from the pinned buffer on the worker's own stream, and converted on
-   the GPU; the worker reads the next piece into its other buffer meanwhile, and reuses a buffer only after
-   the event recorded behind its upload says the copy finished. No whole-model copy ever exists in host
-   memory, and the page cache does not fill up with a second copy of the weights;
+2. worker threads (``weight_reader.py``) read the files in 16 MiB pieces with ``O_DIRECT`` - from the disk
+   into a small aligned staging buffer per worker (pinned for CUDA), bypassing the page cache, which on the
+   development VM cut the kernel's CPU time for reading the UNet from 1.1-1.7 s to 0.1 s and halved the read
+   time. On the CPU one ``copy_`` per piece converts the dtype and/or changes the layout. On CUDA each raw
+   piece is uploaded as it is, with a non-blocking copy from the pinned buffer on the worker's own stream,
+   and converted on the GPU; the worker reads the next piece into its other buffer meanwhile, and reuses a
+   buffer only after the event recorded behind its upload says the copy finished. No whole-model copy ever
+   exists in host memory, and the page cache does not fill up with a second copy of the weights;
 3. meanwhile the main thread builds the modules with their parameters on the ``meta`` device (no random
-   initialisation, no memory) and then adopts the loaded tensors with ``load_state_dict(assign=True)``.
+   initialisation, no memory) and then adopts the loaded tensors with ``load_state_dict(assign=True)``
+   (``meta_modules.py``).
 
 Reads and conversions release the GIL, so the workers overlap disk, copies and module construction. The
 service starts the reading as early as it can: ``start_load`` begins filling the destination tensors as soon
 as torch is imported, before diffusers and transformers, whose imports take seconds of single-threaded
 Python, and returns the ``PendingLoad``; whoever started it passes it on to ``load_folder`` (through
-``loader.load_pipeline(..., early=...)``), which builds the modules and waits for whatever is left. Where
+``loading.load_pipeline(..., early=...)``), which builds the modules and waits for whatever is left. Where
 ``O_DIRECT`` is refused (tmpfs, some network file systems) the same reads go through the page cache.
 
 Anything this loader does not recognise exactly - ``.bin`` weights, tensor names that differ from the
 module's (old checkpoints that need diffusers' key conversions), modules that keep parts in fp32 - raises
-``FastLoadUnsupported`` and the caller falls back to ``from_pretrained``.
+``FastLoadUnsupported`` and the caller falls back to ``from_pretrained``; every such refusal is made here.
 """
 
 from __future__ import annotations
@@ -35,22 +36,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sd_endpoint.errors import ModelLoadError
+from sd_endpoint.model.meta_modules import adopt, empty_module, match_keys, tokenizer_and_scheduler
 from sd_endpoint.model.pipeline import build_pipeline
+from sd_endpoint.model.weight_reader import CHUNK_BYTES, Piece, PieceReader, WeightFile
 from sd_endpoint.model.weights import COMPONENTS, TensorSpec, read_header, weight_files
 
 log = logging.getLogger(__name__)
-
-CHUNK_BYTES = 16 << 20
-# Keys that older transformers versions saved but current modules recompute (non-persistent buffers).
-_IGNORABLE_SUFFIXES = ("position_ids",)
 
 
 class FastLoadUnsupported(Exception):
@@ -70,186 +66,8 @@ def folder_weight_files(folder: Path, variant: str | None) -> dict[str, list[Pat
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Reading into destination tensors
-
-
-ALIGN = 4096  # O_DIRECT: file offset, length and buffer address all aligned to the logical block size
-
-
-class _File:
-    """One weight file, opened for O_DIRECT reads where the file system allows them."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        self.direct_fd: int | None = None
-        flag = getattr(os, "O_DIRECT", 0)
-        if flag:
-            try:
-                self.direct_fd = os.open(path, os.O_RDONLY | flag)
-            except OSError:  # EINVAL on tmpfs and some others: the buffered fd does
-                self.direct_fd = None
-        self.use_direct = self.direct_fd is not None  # cleared (not closed: other workers) on a refused read
-
-    def close(self) -> None:
-        os.close(self.fd)
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
-            self.direct_fd = None
-        self.use_direct = False
-
-
-@dataclass
-class _Piece:
-    file: _File
-    offset: int  # file offset of the first byte
-    src_dtype: Any
-    dst: Any  # the destination: a flat slice of a tensor, or a whole (NHWC) tensor
-    nbytes: int
-
-
-def _pread_into(fd: int, view: memoryview, offset: int, need: int) -> int:
-    """Read into ``view`` from ``offset`` until at least ``need`` bytes arrived; returns the bytes read."""
-    done = 0
-    while done < need:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += n
-    return done
-
-
-class _Staging:
-    """A page-aligned bounce buffer (pinned when the destination is a GPU), grown on demand."""
-
-    def __init__(self, torch: Any, pinned: bool) -> None:
-        self.torch = torch
-        self.pinned = pinned
-        self.buf: Any = None
-        self.event: Any = None  # CUDA: recorded behind the upload that reads this buffer
-
-    def get(self, size: int) -> Any:
-        if self.buf is None or self.buf.numel() < size:
-            raw = self.torch.empty(max(size, CHUNK_BYTES) + 2 * ALIGN, dtype=self.torch.uint8, pin_memory=self.pinned)
-            pad = -raw.data_ptr() % ALIGN
-            self.buf = raw[pad : pad + raw.numel() - 2 * ALIGN]
-        return self.buf[:size]
-
-
-class _StagingRing:
-    """A worker's staging buffers, used in turn; a buffer is handed out again only once its upload is done."""
-
-    def __init__(self, torch: Any, pinned: bool, slots: int) -> None:
-        self.slots = [_Staging(torch, pinned) for _ in range(slots)]
-        self.next = 0
-
-    def acquire(self) -> _Staging:
-        slot = self.slots[self.next]
-        self.next = (self.next + 1) % len(self.slots)
-        if slot.event is not None:
-            slot.event.synchronize()  # the non-blocking copy out of this buffer has finished
-            slot.event = None
-        return slot
-
-
-def _read(piece: _Piece, staging: _Staging) -> Any:
-    """The piece's bytes as a uint8 tensor (a view of the staging buffer)."""
-    f, offset, n = piece.file, piece.offset, piece.nbytes
-    if f.use_direct and f.direct_fd is not None:
-        start = offset - offset % ALIGN
-        end = -(-(offset + n) // ALIGN) * ALIGN
-        buf = staging.get(end - start)
-        try:
-            # The last block may run past the end of the file: a short read there is fine.
-            _pread_into(f.direct_fd, memoryview(buf.numpy()), start, offset + n - start)
-            return buf[offset - start : offset - start + n]
-        except OSError as exc:
-            if exc.errno is None:  # a real short read: the file is truncated
-                raise
-            f.use_direct = False  # EINVAL and the like: this file system wants buffered reads
-            log.info("O_DIRECT read of %s refused (%s); reading through the page cache", f.path, exc)
-    buf = staging.get(n)
-    _pread_into(f.fd, memoryview(buf.numpy()), offset, n)
-    return buf
-
-
-class _Reader:
-    """Worker threads that fill destination tensors from file pieces."""
-
-    def __init__(self, device: Any, workers: int) -> None:
-        import torch
-
-        self.torch = torch
-        self.device = device
-        self.workers = workers
-        self.pieces: queue.Queue[_Piece | None] = queue.Queue()
-        self.errors: list[BaseException] = []
-        self.bytes = 0
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-
-    def add(self, piece: _Piece) -> None:
-        self.pieces.put(piece)
-
-    def start(self) -> None:
-        for i in range(self.workers):
-            t = threading.Thread(target=self._work, name=f"weights-read-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-
-    def finish(self) -> None:
-        for _ in self._threads:
-            self.pieces.put(None)
-        for t in self._threads:
-            t.join()
-        if self.errors:
-            raise self.errors[0]
-
-    def _work(self) -> None:
-        torch = self.torch
-        cuda = self.device.type == "cuda"
-        # CUDA: two pinned buffers (one uploading while the next piece is read into the other), own stream.
-        ring = _StagingRing(torch, pinned=cuda, slots=2 if cuda else 1)
-        stream = torch.cuda.Stream(device=self.device) if cuda else None
-        try:
-            while True:
-                piece = self.pieces.get()
-                if piece is None:
-                    return
-                if self.errors:
-                    continue
-                try:
-                    staging = ring.acquire()
-                    raw = _read(piece, staging)
-                    if stream is None:
-                        # dtype conversion and/or layout change in one pass on the CPU
-                        piece.dst.copy_(raw.view(piece.src_dtype).view(piece.dst.shape))
-                    else:
-                        staging.event = _upload(torch, stream, raw, piece)
-                    with self._lock:
-                        self.bytes += piece.nbytes
-                except BaseException as exc:  # noqa: BLE001 - re-raised by finish() on the caller's thread
-                    self.errors.append(exc)
-        finally:
-            if stream is not None:
-                stream.synchronize()  # every upload and conversion of this worker is done
-
-
-def _upload(torch: Any, stream: Any, raw: Any, piece: _Piece) -> Any:
-    """Copy the raw bytes to the GPU without blocking, convert there; returns the event behind the copy."""
-    with torch.cuda.stream(stream):
-        on_device = torch.empty(raw.numel(), dtype=torch.uint8, device=piece.dst.device)
-        on_device.copy_(raw, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(stream)
-        # Conversion (and NHWC layout) on the GPU; ``on_device`` is freed in this stream's order.
-        piece.dst.copy_(on_device.view(piece.src_dtype).view(piece.dst.shape))
-    return copied
-
-
 def _plan_file(
-    reader: _Reader, file: _File, specs: list[TensorSpec], dtype: Any, device: Any, channels_last: bool
+    reader: PieceReader, file: WeightFile, specs: list[TensorSpec], dtype: Any, device: Any, channels_last: bool
 ) -> dict[str, Any]:
     """Allocate each tensor's destination and queue its pieces; returns name -> destination tensor."""
     torch = reader.torch
@@ -269,7 +87,7 @@ def _plan_file(
             # Conv weights straight into NHWC, the layout the backend runs them in: the conversion and the
             # layout change are one pass, instead of a second copy of every conv weight after loading.
             dst = torch.empty(spec.shape, dtype=dst_dtype, device=device, memory_format=torch.channels_last)
-            reader.add(_Piece(file, spec.start, src_dtype, dst, numel * item))
+            reader.add(Piece(file, spec.start, src_dtype, dst, numel * item))
             out[spec.name] = dst
             continue
         dst = torch.empty(spec.shape, dtype=dst_dtype, device=device)
@@ -278,75 +96,29 @@ def _plan_file(
         per_piece = max(1, CHUNK_BYTES // item)
         for first in range(0, numel, per_piece):
             count = min(per_piece, numel - first)
-            reader.add(_Piece(file, spec.start + first * item, src_dtype, flat[first : first + count], count * item))
+            reader.add(Piece(file, spec.start + first * item, src_dtype, flat[first : first + count], count * item))
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# Modules
-
-
 def _empty_module(component: str, folder: Path) -> Any:
-    """The component's module with parameters on the meta device (buffers real), from its config."""
-    from accelerate import init_empty_weights
-
-    comp_dir = folder / component
-    with init_empty_weights(include_buffers=False):
-        if component == "text_encoder":
-            import transformers
-
-            config = transformers.AutoConfig.from_pretrained(str(comp_dir), local_files_only=True)
-            cls = getattr(transformers, (config.architectures or ["CLIPTextModel"])[0])
-            with _no_init_weights():  # every weight is loaded next; skip transformers' initialisation pass
-                module = cls(config)
-        else:
-            import diffusers
-
-            config_dict = json.loads((comp_dir / "config.json").read_text())
-            cls = getattr(diffusers, config_dict["_class_name"])
-            module = cls.from_config(config_dict)
-            module.register_to_config(_name_or_path=str(comp_dir))  # as from_pretrained records it
+    """The component without weights; refused when it keeps parts in fp32 (from_pretrained handles that)."""
+    module = empty_module(component, folder)
     if getattr(module, "_keep_in_fp32_modules", None):
         raise FastLoadUnsupported(f"{component}: {type(module).__name__} keeps modules in fp32")
     return module
 
 
-def _no_init_weights() -> Any:
-    try:
-        from transformers.initialization import no_init_weights
-
-        return no_init_weights()
-    except ImportError:  # older transformers: initialise (on meta, so only time is lost)
-        import contextlib
-
-        return contextlib.nullcontext()
-
-
-def _match_keys(component: str, expected: set[str], loaded: dict[str, Any]) -> dict[str, Any]:
-    """Map the file's tensor names onto the module's: as is, or with transformers 4's ``text_model.`` prefix."""
-    candidates = [loaded]
-    if component == "text_encoder":
-        p = "text_model."
-        candidates.append({k.removeprefix(p): v for k, v in loaded.items()})
-        candidates.append({(k if k.startswith(p) else p + k): v for k, v in loaded.items()})
-    for cand in candidates:
-        kept = {k: v for k, v in cand.items() if k in expected or not k.endswith(_IGNORABLE_SUFFIXES)}
-        if set(kept) == expected:
-            return kept
-    missing = sorted(expected - set(loaded))[:3]
-    extra = sorted(set(loaded) - expected)[:3]
-    raise FastLoadUnsupported(f"{component}: tensor names differ from the module's (missing {missing}, extra {extra})")
-
-
-def _adopt(module: Any, state: dict[str, Any], device: Any) -> Any:
-    module.load_state_dict(state, strict=True, assign=True)
-    for name, buf in list(module.named_buffers()):
-        if buf.device != device:  # non-persistent buffers (e.g. CLIP's position_ids) were built on the CPU
-            owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-            owner._buffers[name.rpartition(".")[2]] = buf.to(device)
-    module.eval()
-    module.requires_grad_(False)
-    return module
+def _state_for(component: str, module: Any, loaded: dict[str, Any]) -> dict[str, Any]:
+    """The loaded tensors under the module's names; refused when the names do not match."""
+    expected = set(module.state_dict().keys())
+    state = match_keys(component, expected, loaded)
+    if state is None:
+        missing = sorted(expected - set(loaded))[:3]
+        extra = sorted(set(loaded) - expected)[:3]
+        raise FastLoadUnsupported(
+            f"{component}: tensor names differ from the module's (missing {missing}, extra {extra})"
+        )
+    return state
 
 
 class PendingLoad:
@@ -374,17 +146,17 @@ class PendingLoad:
         dtype = getattr(torch, dtype_name)
         files = folder_weight_files(folder, variant)
         self.workers = max(2, min(4, os.cpu_count() or 2))
-        self.reader = _Reader(target, self.workers)
+        self.reader = PieceReader(target, self.workers)
         self._threads = 0
         self.direct = False
-        self._files: list[_File] = []
+        self._files: list[WeightFile] = []
         self.tensors: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
         try:
             # Biggest file first so its pieces start flowing at once.
             order = sorted(((c, f) for c, fs in files.items() for f in fs), key=lambda cf: -cf[1].stat().st_size)
             plans = []
             for comp, path in order:
-                self._files.append(_File(path))
+                self._files.append(WeightFile(path))
                 plans.append((comp, self._files[-1], read_header(path)))
             self.direct = all(f.use_direct for f in self._files)
             for comp, file, specs in plans:
@@ -458,13 +230,12 @@ def load_folder(
     try:  # whatever fails here, result() below ends the reads and restores torch's thread count
         index = json.loads((folder / "model_index.json").read_text())
         modules = {c: _empty_module(c, folder) for c in COMPONENTS}
-        tokenizer, scheduler = _tokenizer_and_scheduler(folder, index)
+        tokenizer, scheduler = tokenizer_and_scheduler(folder, index)
     finally:
         tensors = pending.result()
     for comp in COMPONENTS:
         module = modules[comp]
-        state = _match_keys(comp, set(module.state_dict().keys()), tensors[comp])
-        _adopt(module, state, pending.target)
+        adopt(module, _state_for(comp, module, tensors[comp]), pending.target)
     pipe = build_pipeline(
         "text-to-image",
         vae=modules["vae"],
@@ -484,14 +255,3 @@ def load_folder(
         "O_DIRECT" if pending.direct else "page cache",
     )
     return pipe
-
-
-def _tokenizer_and_scheduler(folder: Path, index: dict[str, Any]) -> tuple[Any, Any]:
-    import diffusers
-    import transformers
-
-    tok_cls = getattr(transformers, str(index.get("tokenizer", [None, "CLIPTokenizer"])[1]))
-    tokenizer = tok_cls.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    sched_cls = getattr(diffusers, str(index.get("scheduler", [None, "DDIMScheduler"])[1]))
-    scheduler = sched_cls.from_pretrained(str(folder / "scheduler"), local_files_only=True)
-    return tokenizer, scheduler
