@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from sd_endpoint.contract import Limits, decode_body, parse_request
+from sd_endpoint.contract import Limits
 from sd_endpoint.errors import InvalidRequest, PayloadTooLarge
+from sd_endpoint.request_parsing import decode_body, parse_request
 
 LIMITS = Limits(max_images=8, max_pixels=1024 * 1024, max_steps=150, max_prompt_chars=2000)
 
@@ -115,6 +116,11 @@ def test_eta_with_ddim() -> None:
     assert parse({"input_data": {"data": ["a"]}, "parameters": {"eta": 0.5}}).spec.eta == 0.5
 
 
+def test_an_empty_negative_prompt_is_none_and_overrides_the_default() -> None:
+    body = {"input_data": {"data": [{"prompt": "a", "negative_prompt": ""}]}, "parameters": {"negative_prompt": "x"}}
+    assert parse(body).rows[0].negative_prompt is None
+
+
 # --- bad input: each a 400 naming the field and what is allowed ---------------------------------
 
 
@@ -149,6 +155,10 @@ def test_eta_with_ddim() -> None:
         ),
         ({"input_data": {"data": ["a"]}, "parameters": {"num_inference_steps": 0}}, "num_inference_steps"),
         ({"input_data": {"data": ["a"]}, "parameters": {"num_inference_steps": 151}}, "between 1 and 150"),
+        (
+            {"input_data": {"data": ["a"], "parameters": {"num_inference_steps": 151}}},
+            "input_data.parameters.num_inference_steps: must be between 1 and 150",
+        ),
         ({"input_data": {"data": ["a"]}, "parameters": {"num_inference_steps": "5"}}, "valid integer"),
         ({"input_data": {"data": ["a"]}, "parameters": {"num_inference_steps": 5.5}}, "valid integer"),
         ({"input_data": {"data": ["a"]}, "parameters": {"num_inference_steps": True}}, "valid integer"),

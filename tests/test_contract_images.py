@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_endpoint.contract import Limits, image_output_size, parse_request
+from sd_endpoint.contract import Limits
 from sd_endpoint.errors import InvalidRequest
+from sd_endpoint.request_parsing import parse_request
+from sd_endpoint.request_resolution import image_output_size
 
 LIMITS = Limits(max_images=8, max_pixels=1024 * 1024, max_steps=150, max_prompt_chars=2000)
 

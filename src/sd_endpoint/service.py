@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 from sd_endpoint import metrics
 from sd_endpoint.backends.base import Backend
-from sd_endpoint.contract import Limits, RowRequest, ScoringRequest, decode_body, parse_request
+from sd_endpoint.contract import Limits, RowRequest, ScoringRequest
 from sd_endpoint.errors import ScreeningUnavailable
 from sd_endpoint.imaging import encode_image, to_base64
 from sd_endpoint.jobs import BatchResult, CancelToken, GenerationSpec, ImageTask
+from sd_endpoint.request_parsing import decode_body, parse_request
 from sd_endpoint.safety.base import NullScreener, Screener, Verdict
 from sd_endpoint.settings import ContentSafetySettings, Settings
 

@@ -12,9 +12,9 @@ import torch
 from sd_endpoint.backends.deepcache import DeepCacheUNet
 from sd_endpoint.backends.diffusers_backend import DiffusersBackend
 from sd_endpoint.backends.routing import RoutingBackend
-from sd_endpoint.contract import parse_request
 from sd_endpoint.errors import InvalidRequest
 from sd_endpoint.jobs import GenerationSpec, ImageTask
+from sd_endpoint.request_parsing import parse_request
 from tests.support.fakes import FakeDeepSpeed
 
 

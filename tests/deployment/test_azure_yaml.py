@@ -158,7 +158,8 @@ def test_batch_deployment() -> None:
     assert env["SD_ENDPOINT_BATCH_PYTHON"] == "/opt/conda-envs/sd-endpoint/bin/python"
     assert "SD_ENDPOINT_ENV=/opt/conda-envs/sd-endpoint " in dockerfile.replace("\\", " ")
     # The parameters are valid for the contract (the runner would refuse bad ones at start-up).
-    from sd_endpoint.contract import Limits, parse_request
+    from sd_endpoint.contract import Limits
+    from sd_endpoint.request_parsing import parse_request
 
     params = json.loads(env["SD_ENDPOINT_BATCH_PARAMETERS"])
     parse_request({"input_data": {"data": ["x"]}, "parameters": params}, Limits())
@@ -178,7 +179,8 @@ def test_legacy_batch_loader_rejects_the_settings_form() -> None:
 
 
 def test_sample_requests_are_valid_requests() -> None:
-    from sd_endpoint.contract import Limits, parse_request
+    from sd_endpoint.contract import Limits
+    from sd_endpoint.request_parsing import parse_request
 
     samples = sorted(DEPLOY.glob("sample-request*.json"))
     assert [p.name for p in samples] == [

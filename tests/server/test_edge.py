@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from sd_endpoint.contract import MAX_JSON_DEPTH, Limits, json_depth, parse_request
+from sd_endpoint.contract import Limits
 from sd_endpoint.errors import InvalidRequest, ScreeningUnavailable
+from sd_endpoint.request_parsing import MAX_JSON_DEPTH, json_depth, parse_request
 from sd_endpoint.safety.base import Verdict
 from sd_endpoint.server import create_app
 from sd_endpoint.service import GenerationService
@@ -58,7 +59,7 @@ LONE_SURROGATES = [
 
 @pytest.mark.parametrize(("case", "body", "field"), LONE_SURROGATES, ids=[c[0] for c in LONE_SURROGATES])
 def test_a_lone_surrogate_is_a_400_naming_the_field_before_anything_runs(case: str, body: str, field: str) -> None:
-    """Breaks if the surrogate checks in contract.py (_check_text / _check_strings) are removed: the
+    """Breaks if the surrogate checks (contract._check_text / request_parsing._check_strings) are removed: the
     tokenizer (or the JSON encoder of the response) then fails with a 500."""
     screened: list[Any] = []
 

@@ -34,9 +34,9 @@ from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from sd_endpoint import images_in
-from sd_endpoint.contract import decode_body
 from sd_endpoint.errors import EndpointError, InvalidRequest, ServiceUnavailable
 from sd_endpoint.imaging import MEDIA_TYPES
+from sd_endpoint.request_parsing import decode_body
 from sd_endpoint.server.body import check_content_type, read_body
 from sd_endpoint.server.image_store import ImageStore
 from sd_endpoint.server.middleware import STATE_KEY
