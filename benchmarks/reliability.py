@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "src")) if p not in sys.path]
 
 from benchmarks._common import print_machine, table  # noqa: E402
-from tests.reliability import scenarios  # noqa: E402
+from tests.reliability import process_faults, scenarios  # noqa: E402
 
 
 def main() -> int:
@@ -49,6 +50,26 @@ def main() -> int:
     with scenarios.fake_server(body_read_timeout_s=1.0) as server:
         timed("slow-body connections (1 s timeout)", lambda: scenarios.slow_bodies(server, 20 * scale, 1.0))
 
+    with scenarios.fake_server(max_concurrent_requests=2) as server:
+        timed("requests uvicorn's parser refuses", lambda: scenarios.malformed_http(server))
+    with scenarios.fake_server(max_connections=8) as server:
+        timed("past the connection cap (8)", lambda: scenarios.connection_cap(server, 8))
+    with tempfile.TemporaryDirectory() as tmp:
+        from sd_endpoint.model.demo import write_demo_model
+
+        work = Path(tmp)
+        model = write_demo_model(work / "tiny-sd21", cache_dir=work / "cache")
+        (work / "kill").mkdir()
+        (work / "batch").mkdir()
+        timed(
+            "serve SIGKILLed under load, restarted",
+            lambda: process_faults.sigkill_under_load(model, work / "cache", work / "kill", clients=2 * scale),
+        )
+        timed(
+            "batch CLI SIGKILLed mid-run, rerun",
+            lambda: process_faults.batch_killed_and_resumed(model, work / "cache", work / "batch", 12 * scale),
+        )
+
     print(table(["scenario", "requests", "answers", "lost", "seconds"], rows))  # noqa: T201
     print_machine()
     return 0
@@ -68,7 +89,8 @@ def describe(result: Any) -> tuple[int, str, int]:
         )
         return result.requests, flat, 0
     counts = {k: v for k, v in result.items() if k != "seconds"}
-    return sum(counts.values()), ", ".join(f"{k}: {v}" for k, v in counts.items()), 0
+    requests = counts.get("rows in predictions.csv") or sum(v for k, v in counts.items() if not k.startswith("seconds"))
+    return requests, ", ".join(f"{k}: {v}" for k, v in counts.items()), 0
 
 
 def _statuses(statuses: Any) -> str:

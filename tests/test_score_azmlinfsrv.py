@@ -55,11 +55,13 @@ def azmlinfsrv(tiny_model_dir: Path, cache_dir: Path, tmp_path_factory: pytest.T
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1800)  # the first test pays for two workers' start-up: minutes on a loaded machine
 def test_liveness(azmlinfsrv: str) -> None:
     r = requests.get(f"{azmlinfsrv}/", timeout=10)
     assert r.status_code == 200 and "Healthy" in r.text
 
 
+@pytest.mark.timeout(1800)  # 768x768, 50 steps: over 85 s on a loaded 2-core machine; not about time
 def test_model_card_sample(azmlinfsrv: str) -> None:
     r = requests.post(f"{azmlinfsrv}/score", json=MODEL_CARD_SAMPLE, headers={"x-request-id": "req-123"}, timeout=600)
     assert r.status_code == 200, r.text

@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         default=5.0, gt=0, description="Longest wait for each chunk of a request body before 408 (slow clients)."
     )
     max_connections: int = Field(
-        default=200, ge=1, description="Open connections uvicorn serves at once; past it, a plain-text 503."
+        default=200, ge=1, description="Open connections served at once; past it, a JSON 503 with Retry-After."
     )
     openai_image_base_url: str | None = Field(
         default=None,

@@ -110,3 +110,36 @@ def test_channels_last_only_on_cpu_below_fp32() -> None:
     assert wants_channels_last("cpu", "bfloat16")  # oneDNN's bf16 convolutions: 10-20% faster in NHWC
     # CUDA GroupNorm forces NCHW: channels-last cost 10% at batch 4 on an H200.
     assert not wants_channels_last("cuda", "float16") and not wants_channels_last("cuda", "float32")
+
+
+def test_an_fp16_decode_with_nans_is_decoded_again_in_fp32(backend: DiffusersBackend) -> None:
+    """SD 2.x's VAE can overflow in fp16 and return NaNs (a black image). Only the image with NaNs is decoded
+    again, in fp32, and its record says so. Breaks if the guard in decode() is turned off."""
+    vae = backend.pipe.vae
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    class Fp16VaeWithNaNs:
+        """The real VAE's output in fp16, with image 1 overflowed as it happens on a GPU."""
+
+        config = vae.config
+
+        def decode(self, scaled: torch.Tensor, return_dict: bool, generator: Any = None) -> tuple[torch.Tensor]:
+            out = vae.decode(scaled, return_dict=False)[0].to(torch.float16)
+            out[1, :, :4] = float("nan")
+            return (out,)
+
+    class Pipe:
+        image_processor = backend.pipe.image_processor
+
+    Pipe.vae = Fp16VaeWithNaNs()  # type: ignore[attr-defined]
+    before = backend.nan_redecodes
+    with torch.inference_mode():
+        images, notes = backend.decode(Pipe(), latents, [torch.Generator(), torch.Generator()])
+    assert notes == [[], ["decoded again in fp32 after NaNs in the fp16 VAE decode"]]
+    assert backend.nan_redecodes == before + 1
+    expected = backend.pipe.image_processor.postprocess(reference, output_type="pil")
+    for ours, ref in zip(images, expected, strict=True):  # image 0 through fp16, image 1 decoded in fp32 again
+        diff = np.abs(np.asarray(ours, np.int16) - np.asarray(ref, np.int16))
+        assert diff.max() <= 2, diff.max()

@@ -249,6 +249,43 @@ def test_auto_takes_deepspeed_only_when_it_is_faster(
     assert faster.fallback.warm_shapes == []  # the diffusers path's warm-up was released
 
 
+def test_the_race_winner_frees_the_diffusers_paths_warm_shapes(
+    tiny_model_dir: Path, cache_dir: Path, pipe: Any, cuda_like: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Breaks if build_backend stops calling base.release_warm() once DeepSpeed wins: on a GPU the diffusers
+    path would keep its compiled graphs and CUDA-graph pools for shapes it no longer serves."""
+    released: list[DiffusersBackend] = []
+    monkeypatch.setattr(DiffusersBackend, "release_warm", lambda self: released.append(self))
+    settings = make_settings(tiny_model_dir, cache_dir)
+
+    def timer(ds: float) -> Any:
+        return lambda backend, shape: ds if isinstance(backend, FakeDeepSpeed) else 0.010
+
+    slower = build_backend(settings, pipe, deepspeed_factory=FakeDeepSpeed, timer=timer(0.0125))  # type: ignore[arg-type]
+    assert isinstance(slower, DiffusersBackend) and released == []  # the diffusers path serves: keep its warm-up
+    faster = build_backend(settings, pipe, deepspeed_factory=FakeDeepSpeed, timer=timer(0.008))  # type: ignore[arg-type]
+    assert isinstance(faster, RoutingBackend) and released == [faster.fallback]
+
+
+def test_release_warm_drops_the_runners_graphs_and_says_so(backend: DiffusersBackend) -> None:
+    class Runner:
+        released = 0
+
+        def release(self) -> None:
+            self.released += 1
+
+    runner = Runner()
+    saved = (backend.runner, backend.warm_shapes, list(backend.optimisations))
+    try:
+        backend.runner, backend.warm_shapes = runner, [(64, 64, 1)]  # type: ignore[assignment]
+        backend.optimisations = [*saved[2], "CUDA graphs"]
+        backend.release_warm()
+        assert runner.released == 1 and backend.warm_shapes == []
+        assert "CUDA graphs" not in backend.optimisations
+    finally:
+        backend.runner, backend.warm_shapes, backend.optimisations = saved
+
+
 def test_explicit_deepspeed_is_not_raced(tiny_model_dir: Path, cache_dir: Path, pipe: Any, cuda_like: None) -> None:
     chosen = build_backend(
         make_settings(tiny_model_dir, cache_dir, backend="deepspeed"),

@@ -480,6 +480,94 @@ def slow_bodies(server: FakeServer, connections: int, read_timeout_s: float) -> 
     return out
 
 
+MALFORMED_HTTP = {
+    "bad Content-Length": b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    "bad chunk size": b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    "NUL in a header": b"GET / HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\n\r\n",
+    "HTTP/1.1 without Host": b"GET / HTTP/1.1\r\n\r\n",
+    "not a request line": b"HELLO THERE\r\n\r\n",
+}
+
+
+def _raw_exchange(port: int, request: bytes, timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read until the server closes; (status, lower-cased headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        data = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(65536):
+                data += chunk
+    head, _, payload = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 "), data[:200]
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split(" ", 2)[1]), headers, payload
+
+
+def _check_json_error(status: int, headers: dict[str, str], payload: bytes) -> str:
+    assert headers.get("content-type", "").startswith("application/json"), (status, headers, payload)
+    message = json.loads(payload)["message"]
+    assert isinstance(message, str) and message
+    return message
+
+
+def malformed_http(server: FakeServer) -> Counter[str]:
+    """Requests uvicorn's parser refuses before the app runs: each a 400 with a JSON message, connection closed,
+    and the server still serving afterwards."""
+    out: Counter[str] = Counter()
+    port = int(server.url.rsplit(":", 1)[1])
+    before = server.metrics()
+    for name, request in MALFORMED_HTTP.items():
+        status, headers, payload = _raw_exchange(port, request)
+        assert status == 400, (name, status, payload)
+        _check_json_error(status, headers, payload)
+        assert headers.get("connection") == "close", (name, headers)
+        out["400 JSON"] += 1
+    # The broken chunk reaches the app mid-body: it must end as a client that went away (499), not a 500.
+    _wait_for(
+        lambda: (
+            server.metrics().get('sd_requests_total{route="/score",status="499"}', 0)
+            > before.get('sd_requests_total{route="/score",status="499"}', 0)
+        )
+    )
+    fives = {k: v for k, v in server.metrics().items() if 'status="5' in k and v != before.get(k, 0)}
+    assert not fives, fives
+    resp = httpx.post(f"{server.url}/score", json=body("after", 1, 0), timeout=60)
+    assert resp.status_code == 200
+    return out
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+def connection_cap(server: FakeServer, limit: int) -> Counter[str]:
+    """With ``limit`` connections open, one more request is a JSON 503 with Retry-After; once they close, 200."""
+    out: Counter[str] = Counter()
+    port = int(server.url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(limit)]
+    try:
+        time.sleep(0.2)  # let the server accept them all
+        status, headers, payload = _raw_exchange(port, b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 503, (status, payload)
+        assert "SD_ENDPOINT_MAX_CONNECTIONS" in _check_json_error(status, headers, payload)
+        assert int(headers["retry-after"]) >= 1
+        out["503 JSON past the cap"] += 1
+    finally:
+        for s in idle:
+            s.close()
+    end = time.monotonic() + 30
+    while httpx.get(f"{server.url}/ready", timeout=30).status_code != 200:
+        assert time.monotonic() < end, "the server never came back under its connection cap"
+        time.sleep(0.1)
+    out["200 once closed"] += 1
+    return out
+
+
 def screening_faults(rounds: int = 3) -> Counter[str]:
     """AACS down (fail closed: 503 + Retry-After, nothing unscreened), slow (a timed-out call is retried)
     and flapping (a failed call is retried) against the emulator, with the real SDK-based screener."""

@@ -76,6 +76,17 @@ def test_slow_body_connections_are_closed_after_the_read_timeout() -> None:
     assert outcome["408"] + outcome["closed"] == 20 and outcome["seconds"] < 30
 
 
+def test_requests_the_http_parser_refuses_get_a_json_400(server: FakeServer) -> None:
+    """Breaks if uvicorn_config stops passing http=JsonErrorsH11Protocol: uvicorn's plain-text 400 comes back."""
+    assert scenarios.malformed_http(server) == {"400 JSON": len(scenarios.MALFORMED_HTTP)}
+
+
+def test_past_the_connection_cap_a_json_503_with_retry_after() -> None:
+    """Breaks if the protocol leaves uvicorn's own limit check on (plain text, no Retry-After)."""
+    with fake_server(max_connections=4) as live:
+        assert scenarios.connection_cap(live, limit=4) == {"503 JSON past the cap": 1, "200 once closed": 1}
+
+
 def test_keys_and_prompts_stay_out_of_the_logs(caplog: pytest.LogCaptureFixture) -> None:
     key = "reliability-secret-key-42"
     with caplog.at_level(logging.DEBUG), fake_server(keys=key) as live:

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from azure.core.credentials import AccessToken
+from azure.core.credentials import AccessToken, AzureKeyCredential
 from azure.core.exceptions import ClientAuthenticationError
 
 from aacs_emulator import AacsEmulator
@@ -73,6 +73,15 @@ def test_per_category_overrides(make_screener: ScreenerFactory) -> None:
     assert [v.blocked for v in verdicts] == [False, True, True]  # Violence 4 < 6; Violence 6; Hate 2 >= 2
     assert verdicts[1].blocked_categories == {"Violence": 6}
     assert screener.thresholds == {"Hate": 2, "SelfHarm": 4, "Sexual": 4, "Violence": 6}
+
+
+def test_thresholds_not_given_are_two(emulator: AacsEmulator) -> None:
+    # Built directly (benchmarks, embedding applications), not from settings, which name every category.
+    screener = AzureContentSafetyScreener(emulator.url, AzureKeyCredential(KEY), thresholds={"self_harm": 5})
+    try:
+        assert screener.thresholds == {"Hate": 2, "SelfHarm": 5, "Sexual": 2, "Violence": 2}
+    finally:
+        screener.close()
 
 
 def test_negative_prompt_is_screened_and_severities_are_the_maximum(make_screener: ScreenerFactory) -> None:

@@ -511,3 +511,23 @@ def test_draining_reports_not_ready_and_refuses_new_work(client: TestClient) -> 
     assert ready.status_code == 503 and "shutting down" in ready.json()["message"]
     assert client.post("/score", json=body()).status_code == 503
     assert client.get("/").status_code == 200
+
+
+def test_every_call_into_the_model_warm_up_included_is_made_by_the_one_worker_thread() -> None:
+    """Breaks if the load thread ran the warm-up itself (it then made the model's first call)."""
+    threads: list[tuple[str, str]] = []
+
+    class Recording(FakeBackend):
+        def generate(self, spec: Any, tasks: Any, cancel: Any = None, on_step: Any = None) -> Any:
+            threads.append((tasks[0].prompt, threading.current_thread().name))
+            return super().generate(spec, tasks, cancel, on_step)
+
+    settings = fake_settings(warmup=True)
+    service = GenerationService(settings, Recording())
+    assert not service.ready
+    with TestClient(create_app(settings, service, on_fatal=lambda: None)) as c:
+        wait_ready(c.get)
+        assert c.get("/ready").json()["warmup_seconds"] >= 0
+        assert c.post("/score", json=small_request(["after the warm-up"])).status_code == 200
+    assert [prompt for prompt, _ in threads] == ["warm-up", "after the warm-up"]
+    assert len({name for _, name in threads}) == 1 and threads[0][1] != "load-model"

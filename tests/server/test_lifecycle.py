@@ -90,6 +90,7 @@ def test_a_client_that_disconnects_stops_its_generation(short_timeout_server: Li
     assert line["status"] == 499
 
 
+@pytest.mark.timeout(1800)  # a start-up and 300 steps: minutes on a loaded 2-core machine; not about time
 def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
     tiny_model_dir: Path, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -102,7 +103,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
         request_timeout_ms=600_000,
         shutdown_grace_s=600,
     )
-    server = LiveServer(env, tmp_path / "server.log").start()
+    server = LiveServer(env, tmp_path / "server.log").start(timeout=900)
     results: dict[int, httpx.Response] = {}
 
     def send(i: int) -> None:
@@ -113,7 +114,7 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(
     try:
         for t in threads:
             t.start()
-        wait_until(lambda: server.metrics().get("sd_requests_in_flight") == 3, "three requests in flight")
+        wait_until(lambda: server.metrics().get("sd_requests_in_flight") == 3, "three requests in flight", 600)
         assert server.proc is not None
         server.proc.terminate()  # SIGTERM
         refused = False

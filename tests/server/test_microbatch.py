@@ -515,3 +515,45 @@ def test_merged_images_equal_solo_images_on_the_tiny_model(backend: Any) -> None
             assert diff.max() <= 1
     # The images differ between requests, so the comparison above can fail.
     assert np.abs(np.asarray(solo[0][0], np.int16) - np.asarray(solo[2][0], np.int16)).max() > 1
+
+
+def test_the_warm_up_runs_first_on_the_worker_thread() -> None:
+    """Breaks if the warm-up ran outside the worker (state._load_and_warm_up calling service.warmup itself)."""
+    seen: list[tuple[str, str]] = []
+    fake = FakeBackend()
+
+    def recording(spec: GenerationSpec, job: Sequence[ImageTask], cancel: CancelToken | None) -> BatchResult:
+        seen.append((job[0].prompt, threading.current_thread().name))
+        return fake.generate(spec, job, cancel)
+
+    def warm_up() -> float:
+        recording(SPEC, tasks("warm-up", 0), None)
+        return 1.5
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(recording, max_batch_size=1, name="the-worker")
+        queued = submit(batcher, SPEC, tasks("queued before start", 1))  # waits for the warm-up, then runs
+        batcher.start(first=warm_up)
+        try:
+            assert await asyncio.to_thread(batcher.started.result, 30) == 1.5
+            await queued.done()
+        finally:
+            await asyncio.to_thread(batcher.close, 5.0)
+
+    asyncio.run(scenario())
+    assert seen == [("warm-up", "the-worker"), ("queued before start", "the-worker")]
+
+
+def test_a_failed_warm_up_is_reported_once_and_nothing_is_served() -> None:
+    def broken() -> float:
+        raise RuntimeError("the device is gone")
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(FakeBackend().generate).start(first=broken)
+        with pytest.raises(RuntimeError, match="device is gone"):
+            await asyncio.to_thread(batcher.started.result, 30)
+        with pytest.raises(ServiceUnavailable):
+            batcher.submit(SPEC, tasks("after", 1), CancelToken())
+        await asyncio.to_thread(batcher.close, 5.0)
+
+    asyncio.run(scenario())

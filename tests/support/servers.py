@@ -67,7 +67,7 @@ class ServerProcess:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, *, wait_ready: bool = True, timeout: float = 240.0) -> Self:
+    def start(self, *, wait_ready: bool = True, timeout: float = 900.0) -> Self:  # a loaded machine is slow
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.command(), cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         if wait_ready:

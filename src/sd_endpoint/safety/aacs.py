@@ -4,50 +4,28 @@ One rule everywhere: a category blocks when its severity is at or above its thre
 blocks. Every call of one ``screen_*`` invocation runs concurrently on a shared, bounded thread pool, and
 any failure of the service raises ``ScreeningUnavailable`` (the service then fails closed or open).
 
-Authentication, decided once at start-up (``from_settings``):
-
-1. ``CONTENT_SAFETY_KEY`` set: the key (``Ocp-Apim-Subscription-Key``).
-2. A credential passed in by the caller (tests, embedding applications).
-3. ``UAI_CLIENT_ID`` set: that user-assigned managed identity (Entra ID token).
-4. Otherwise ``DefaultAzureCredential`` (system-assigned identity, workload identity, environment, CLI).
-
-For 2-4 one token is requested at start-up, so "no credential available" stops the process with a
-message naming the variables instead of failing every request later.
+Which endpoint and credential (and the start-up token check) are ``aacs_auth.py``'s; the SDK client, its
+retries and what its failures mean are ``aacs_client.py``'s.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
-import requests
-from azure.ai.contentsafety import ContentSafetyClient
 from azure.ai.contentsafety.models import AnalyzeImageOptions, AnalyzeTextOptions, ImageData
 from azure.core.credentials import AzureKeyCredential
-from azure.core.exceptions import (
-    AzureError,
-    ClientAuthenticationError,
-    HttpResponseError,
-    ServiceRequestError,
-    ServiceRequestTimeoutError,
-    ServiceResponseError,
-    ServiceResponseTimeoutError,
-)
-from azure.core.pipeline.policies import HttpLoggingPolicy, RetryPolicy
-from azure.core.pipeline.transport import RequestsTransport
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from azure.core.exceptions import AzureError
 
 from sd_endpoint import metrics
 from sd_endpoint.errors import ConfigError, ScreeningUnavailable
-from sd_endpoint.net import is_loopback_url
+from sd_endpoint.safety.aacs_auth import call_options, check_token, endpoint_setting, resolve_credential
+from sd_endpoint.safety.aacs_client import build_client, describe_failure
 from sd_endpoint.safety.base import Stage, Verdict
 from sd_endpoint.safety.preprocess import CATEGORIES, OUTPUT_TYPES, chunk_text, prepare_image
 from sd_endpoint.settings import ContentSafetySettings
@@ -56,12 +34,6 @@ if TYPE_CHECKING:
     from azure.core.credentials import TokenCredential
 
 log = logging.getLogger(__name__)
-# azure-core logs every request and response at INFO; ours go to a child logger that is quiet unless
-# lowered on purpose (headers are redacted by azure-core either way; bodies are never logged).
-_http_log = logging.getLogger(f"{__name__}.http")
-_http_log.setLevel(logging.WARNING)
-
-TOKEN_SCOPE = "https://cognitiveservices.azure.com/.default"
 _CANONICAL = {name.lower(): name for name in CATEGORIES}
 _T = TypeVar("_T")
 
@@ -69,78 +41,18 @@ _T = TypeVar("_T")
 _Analysis = tuple[dict[str, int], tuple[str, ...]]
 
 
-def normalize_endpoint(value: str) -> str:
-    """The endpoint without trailing slashes; ValueError when it is not an http(s) base URL."""
-    url = value.strip().rstrip("/")
-    try:
-        parts = urlsplit(url)
-        port = parts.port  # raises on a malformed port
-    except ValueError:
-        raise ValueError("is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("must be an http(s) URL such as https://<resource>.cognitiveservices.azure.com")
-    if parts.username or parts.password:
-        raise ValueError("must not contain a user name or password")
-    if parts.query or parts.fragment:
-        raise ValueError("must not contain a query string or fragment")
-    if port == 0:
-        raise ValueError("has port 0")
-    return url
-
-
-def _endpoint_setting(value: str) -> str:
-    """normalize_endpoint, with a ConfigError naming the variable (and not echoing embedded credentials)."""
-    try:
-        return normalize_endpoint(value)
-    except ValueError as exc:
-        shown = "" if "@" in value else f" (got {value!r})"
-        raise ConfigError(f"CONTENT_SAFETY_ENDPOINT: {exc}{shown}") from None
-
-
-def resolve_credential(
-    settings: ContentSafetySettings, credential: TokenCredential | None = None
-) -> tuple[AzureKeyCredential | TokenCredential, str, bool]:
-    """(credential, description for logs, whether we own it and must close it), per the module rule."""
-    key = settings.key.get_secret_value().strip() if settings.key is not None else ""
-    if key:
-        return AzureKeyCredential(key), "key (CONTENT_SAFETY_KEY)", False
-    if credential is not None:
-        return credential, f"token credential ({type(credential).__name__})", False
-    from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
-
-    if settings.uai_client_id:
-        cred: TokenCredential = ManagedIdentityCredential(client_id=settings.uai_client_id)
-        return cred, f"user-assigned managed identity (UAI_CLIENT_ID={settings.uai_client_id})", True
-    return DefaultAzureCredential(), "DefaultAzureCredential (no CONTENT_SAFETY_KEY or UAI_CLIENT_ID)", True
-
-
-def check_token(credential: TokenCredential, description: str, timeout_s: float) -> None:
-    """Get one token now, so that a missing identity is a start-up error; ConfigError otherwise."""
-    outcome: list[BaseException | None] = []
-
-    def probe() -> None:
-        try:
-            credential.get_token(TOKEN_SCOPE)
-            outcome.append(None)
-        except BaseException as exc:  # noqa: BLE001 - reported below, whatever it is
-            outcome.append(exc)
-
-    thread = threading.Thread(target=probe, name="aacs-token-check", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if outcome and outcome[0] is None:
-        return
-    reason = f"no token within {timeout_s:.0f} s" if not outcome else _first_line(outcome[0])
-    raise ConfigError(
-        "CONTENT_SAFETY_ENDPOINT is set but no credential is available: CONTENT_SAFETY_KEY is not set and "
-        f"{description} could not get a token for {TOKEN_SCOPE} ({reason}). Set CONTENT_SAFETY_KEY, or "
-        "UAI_CLIENT_ID to a user-assigned identity with the 'Cognitive Services User' role on the resource."
-    )
-
-
-def _first_line(exc: BaseException | None, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0] if exc is not None else "unknown error"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _thresholds(given: Mapping[str, int]) -> dict[str, int]:
+    """Every category's threshold: 2 unless ``given`` sets it (names in any case, with or without "_")."""
+    thresholds = dict.fromkeys(CATEGORIES, 2)
+    for name, value in given.items():
+        canonical = _CANONICAL.get(name.lower().replace("_", ""))
+        if canonical is None or not 1 <= int(value) <= 7:
+            raise ConfigError(
+                f"CONTENT_SAFETY_THRESHOLD: a threshold is a category of {', '.join(CATEGORIES)} "
+                f"with a value from 1 to 7 (got {name}={value!r})"
+            )
+        thresholds[canonical] = int(value)
+    return thresholds
 
 
 class AzureContentSafetyScreener:
@@ -164,18 +76,10 @@ class AzureContentSafetyScreener:
         retry_backoff_s: float = 0.5,
         retry_backoff_max_s: float = 4.0,
     ) -> None:
-        self.endpoint = _endpoint_setting(endpoint)
+        self.endpoint = endpoint_setting(endpoint)
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"CONTENT_SAFETY_OUTPUT_TYPE: must be one of {', '.join(OUTPUT_TYPES)}")
-        self.thresholds = dict.fromkeys(CATEGORIES, 2)
-        for name, value in (thresholds or {}).items():
-            canonical = _CANONICAL.get(name.lower().replace("_", ""))
-            if canonical is None or not 1 <= int(value) <= 7:
-                raise ConfigError(
-                    f"CONTENT_SAFETY_THRESHOLD: a threshold is a category of {', '.join(CATEGORIES)} "
-                    f"with a value from 1 to 7 (got {name}={value!r})"
-                )
-            self.thresholds[canonical] = int(value)
+        self.thresholds = _thresholds(thresholds or {})
         self.blocklists = list(blocklists)
         self.output_type = output_type
         self.timeout_s = timeout_s
@@ -184,43 +88,26 @@ class AzureContentSafetyScreener:
         self.uses_key = isinstance(credential, AzureKeyCredential)
         self._credential = credential
         self._owns_credential = owns_credential
-        # Bearer tokens go only over TLS, except to this machine (the emulator); a key is the
-        # deployer's choice, but plain http off this machine is worth a warning.
-        self._call_kwargs: dict[str, Any] = {}
-        if self.endpoint.startswith("http://"):
-            if not is_loopback_url(self.endpoint):
-                if not self.uses_key:
-                    raise ConfigError(
-                        "CONTENT_SAFETY_ENDPOINT: Entra ID tokens are only sent over https (got an http:// URL "
-                        "that is not on this machine); use https, or CONTENT_SAFETY_KEY."
-                    )
-                log.warning("CONTENT_SAFETY_ENDPOINT is plain http: the key travels unencrypted")
-            elif not self.uses_key:
-                self._call_kwargs["enforce_https"] = False
-
+        self._call_kwargs = call_options(self.endpoint, self.uses_key)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="aacs")
-        self._client = ContentSafetyClient(
+        self._client = build_client(
             self.endpoint,
             credential,
-            transport=RequestsTransport(
-                session=_session(max_concurrency), connection_timeout=timeout_s, read_timeout=timeout_s
-            ),
-            http_logging_policy=HttpLoggingPolicy(logger=_http_log),
-            retry_policy=BoundedRetryPolicy(
-                retry_total=retries,
-                retry_backoff_factor=retry_backoff_s,
-                retry_backoff_max=retry_backoff_max_s,
-            ),
+            timeout_s=timeout_s,
+            retries=retries,
+            max_concurrency=max_concurrency,
+            retry_backoff_s=retry_backoff_s,
+            retry_backoff_max_s=retry_backoff_max_s,
         )
 
     @classmethod
     def from_settings(
         cls, settings: ContentSafetySettings, *, credential: TokenCredential | None = None
     ) -> AzureContentSafetyScreener:
-        """Build from CONTENT_SAFETY_* (see the module docstring); ConfigError names the variable."""
+        """Build from CONTENT_SAFETY_* (credentials: see aacs_auth.py); ConfigError names the variable."""
         if not settings.endpoint:
             raise ConfigError("CONTENT_SAFETY_ENDPOINT: required to build the content screening stage")
-        _endpoint_setting(settings.endpoint)  # before any credential is built
+        endpoint_setting(settings.endpoint)  # before any credential is built
         cred, description, owned = resolve_credential(settings, credential)
         screener = cls(
             settings.endpoint,
@@ -338,7 +225,9 @@ class AzureContentSafetyScreener:
         try:
             result = call()
         except AzureError as exc:
-            outcome, cause = self._describe_failure(exc)
+            outcome, cause = describe_failure(
+                exc, endpoint=self.endpoint, retries=self.retries, timeout_s=self.timeout_s, uses_key=self.uses_key
+            )
             metrics.SCREENING_CALLS.labels(kind, outcome).inc()
             log.warning("Content Safety %s call failed: %s", kind, cause, extra={"outcome": outcome})
             raise ScreeningUnavailable(
@@ -348,39 +237,6 @@ class AzureContentSafetyScreener:
             metrics.SCREENING_CALL_SECONDS.labels(kind).observe(time.perf_counter() - started)
         metrics.SCREENING_CALLS.labels(kind, "ok").inc()
         return result
-
-    def _describe_failure(self, exc: Exception) -> tuple[str, str]:
-        """(metric outcome, a cause for the 503 message) for an SDK error; never the key or the content."""
-        host = urlsplit(self.endpoint).netloc
-        retried = f" after {self.retries} retr{'y' if self.retries == 1 else 'ies'}" if self.retries else ""
-        status = getattr(exc, "status_code", None)
-        if isinstance(exc, HttpResponseError) and status is not None:
-            error = getattr(exc, "error", None)
-            code = getattr(error, "code", None) or ""
-            detail = f" {code}" if code and code != str(status) else ""
-            if status in (401, 403):
-                what = "key (CONTENT_SAFETY_KEY)" if self.uses_key else "token (check the identity's role)"
-                return "auth", f"Azure AI Content Safety rejected the {what} (HTTP {status}{detail})"
-            if status == 429:
-                return "throttled", f"Azure AI Content Safety is throttling requests (HTTP 429){retried}"
-            if status >= 500:
-                return "server_error", f"Azure AI Content Safety failed (HTTP {status}{detail}){retried}"
-            if status == 404:
-                return "not_found", (
-                    f"Azure AI Content Safety answered HTTP 404{detail} (check CONTENT_SAFETY_ENDPOINT and the "
-                    "names in CONTENT_SAFETY_BLOCKLISTS)"
-                )
-            message = getattr(error, "message", None) or ""
-            return "bad_request", f"Azure AI Content Safety refused the call (HTTP {status}{detail}: {message[:200]})"
-        if isinstance(exc, ClientAuthenticationError):  # no response: getting the token failed
-            return "auth", f"no Entra ID token for Azure AI Content Safety ({_first_line(exc, 200)})"
-        if isinstance(exc, (ServiceRequestTimeoutError, ServiceResponseTimeoutError)):
-            return "timeout", f"Azure AI Content Safety at {host} did not answer within {self.timeout_s:g} s{retried}"
-        if isinstance(exc, ServiceResponseError):
-            return "unreachable", f"the connection to Azure AI Content Safety at {host} was dropped{retried}"
-        if isinstance(exc, ServiceRequestError):
-            return "unreachable", f"cannot connect to Azure AI Content Safety at {host}{retried}"
-        return "error", f"Azure AI Content Safety call failed ({type(exc).__name__})"
 
     # -- verdicts --------------------------------------------------------------------------------
     def _severities(self, kind: str, analysis: Sequence[Any] | None) -> dict[str, int]:
@@ -425,34 +281,3 @@ class AzureContentSafetyScreener:
             calls,
             1000 * (time.perf_counter() - started),
         )
-
-
-def _session(pool_size: int) -> requests.Session:
-    """A requests session whose connection pool holds as many connections as calls may be in flight."""
-    session = requests.Session()
-    # Retries belong to the SDK's retry policy, not to urllib3 (as in azure-core's own session).
-    no_retries = Retry(total=False, redirect=False, raise_on_status=False)
-    adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=no_retries)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-class BoundedRetryPolicy(RetryPolicy):  # type: ignore[type-arg]
-    """azure-core's retry policy, with a server's Retry-After capped at the backoff maximum, so one
-    throttled call cannot hold a request for as long as the service asks.
-
-    azure-core retries a POST only on 500/503/504 answers, never after a read timeout or a dropped
-    connection. The analyze calls change nothing on the service, so they are safe to repeat: every
-    failure the retry budget covers is retried, and "after N retries" in the 503 message is true.
-    """
-
-    def _is_method_retryable(self, settings: Any, request: Any, response: Any = None) -> bool:
-        return True
-
-    def _sleep_for_retry(self, response: Any, transport: Any) -> bool:
-        retry_after = self.get_retry_after(response)
-        if retry_after:
-            transport.sleep(min(float(retry_after), float(self.backoff_max)))
-            return True
-        return False

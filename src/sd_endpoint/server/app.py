@@ -27,8 +27,9 @@ from starlette.routing import Match
 
 from sd_endpoint.errors import EndpointError
 from sd_endpoint.net import is_loopback
-from sd_endpoint.server import openai_images, openapi, playground
+from sd_endpoint.server import openai_images, openapi, playground, probes
 from sd_endpoint.server.middleware import STATE_KEY, RequestContextMiddleware
+from sd_endpoint.server.protocol import JsonErrorsH11Protocol
 from sd_endpoint.server.routes import router
 from sd_endpoint.server.state import ServerState
 from sd_endpoint.service import GenerationService
@@ -37,7 +38,8 @@ from sd_endpoint.settings import Settings
 log = logging.getLogger("sd_endpoint.server")
 
 # Every router the app serves (also what a 405 lists in Allow): the contract's routes, OpenAI's API, the page.
-_ROUTERS = (router, openai_images.router, playground.router)
+# The probes first, as azmlinfsrv lists them (the order of the OpenAPI document's paths).
+_ROUTERS = (probes.router, router, openai_images.router, playground.router)
 
 # azmlinfsrv's wording for the errors Flask raises by itself.
 _HTTP_MESSAGES = {
@@ -171,8 +173,9 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         lifespan="on",
         timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
         server_header=False,
-        # Past this many open connections uvicorn answers 503 itself (plain text: before our app runs).
+        # Past this many open connections: a JSON 503 with Retry-After, before the app runs.
         limit_concurrency=settings.max_connections,
+        http=JsonErrorsH11Protocol,  # uvicorn's own 400/503 answers as {"message"} JSON
     )
 
 

@@ -8,8 +8,15 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
-from sd_endpoint.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from sd_endpoint.errors import (
+    GenerationCancelled,
+    InvalidRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 
 if TYPE_CHECKING:
     from sd_endpoint.server.state import ServerState
@@ -54,6 +61,8 @@ async def read_body(request: Request, limit: int, chunk_timeout_s: float | None 
                 chunk = await anext(stream)
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # gone mid-body (or its framing broke and the protocol answered 400 and closed)
+            raise GenerationCancelled("The client closed the connection while sending the body.") from None
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body did not arrive: no data for {chunk_timeout_s:g} s after {received} bytes "

@@ -1,11 +1,11 @@
 """Micro-batching: one worker thread owns the model and runs every pipeline call; the event loop waits.
 
 Requests (on the event loop) ``submit`` jobs and await their ``Job.result`` future. The worker thread is the
-only caller of ``backend.generate``: jobs whose ``GenerationSpec`` is equal are merged into one call of at
-most ``max_batch_size`` images. A request's own images are never split across calls (a request larger than
-``max_batch_size`` runs alone). The worker waits up to ``batch_wait_s`` for more jobs, and only while an
-admitted request has yet to submit (``Ticket``), so a lone request never pays the wait. Merging changes no
-image: the backend seeds one generator per image.
+only caller of ``backend.generate``, the start-up warm-up included (``start(first=...)``): jobs whose
+``GenerationSpec`` is equal are merged into one call of at most ``max_batch_size`` images. A request's own
+images are never split across calls (a request larger than ``max_batch_size`` runs alone). The worker waits up
+to ``batch_wait_s`` for more jobs, and only while an admitted request has yet to submit (``Ticket``), so a
+lone request never pays the wait. Merging changes no image: the backend seeds one generator per image.
 
 Results cross in one direction: the worker hands each outcome to the loop with ``call_soon_threadsafe``,
 and only the loop resolves a job's future (and only once), so no future is ever set from two threads.
@@ -24,6 +24,7 @@ Failure and cancellation:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -163,9 +164,15 @@ class MicroBatcher:
         self._closed = False
         self.death: str | None = None  # why the worker thread ended, if it did unexpectedly
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._first: Callable[[], float] | None = None
+        self.started: concurrent.futures.Future[float | None] = concurrent.futures.Future()
 
     # -- lifecycle (any thread) ----------------------------------------------------------------
-    def start(self) -> MicroBatcher:
+    def start(self, first: Callable[[], float] | None = None) -> MicroBatcher:
+        """Start the worker. It runs ``first`` (the warm-up) before any job, so that every call into the model
+        is made from this one thread. ``started`` is resolved by the worker alone, with ``first``'s result or
+        error (an error ends the worker: the model never served, so there is nothing to keep alive)."""
+        self._first = first
         self._thread.start()
         return self
 
@@ -245,6 +252,13 @@ class MicroBatcher:
             pass  # the loop is closed: nobody is left to answer
 
     def _work(self) -> None:
+        try:
+            self.started.set_result(self._first() if self._first is not None else None)
+        except BaseException as exc:
+            with self._cond:
+                self._closed = True
+            self.started.set_exception(exc)
+            return
         try:
             while True:
                 batch: list[Job] = []

@@ -1,6 +1,6 @@
-"""The contract's routes: the probes and documents (``probes.py``), then ``POST /score``, and ``run_score``,
-the one entry of every generating route, which decides each request's fate. They only translate HTTP to the
-service and back; all model logic lives in the service."""
+"""The contract's route ``POST /score``, and ``run_score``: the one entry of every generating route, which
+decides each request's fate. They only translate HTTP to the service and back; all model logic lives in the
+service. (The probes and documents are ``probes.py``.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse, Response
 from sd_endpoint import metrics
 from sd_endpoint.errors import EndpointError, GenerationCancelled, RequestTimeout
 from sd_endpoint.jobs import CancelToken
-from sd_endpoint.server import probes
 from sd_endpoint.server.admission import AdmissionControl
 from sd_endpoint.server.auth import require_key
 from sd_endpoint.server.body import check_content_type, read_body
@@ -27,9 +26,7 @@ from sd_endpoint.service import ScoreResult, Scoring
 if TYPE_CHECKING:
     from sd_endpoint.server.state import ServerState
 
-# The probes' routes first, as azmlinfsrv lists them. Copied in flat rather than with include_router, which
-# nests a router: the app's 405 handling reads each router's own routes for the methods of a path.
-router = APIRouter(routes=list(probes.router.routes))
+router = APIRouter()
 
 # Log at most this many characters of each prompt (SD_ENDPOINT_LOG_PROMPTS).
 _LOGGED_PROMPT_CHARS = 500

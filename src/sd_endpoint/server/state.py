@@ -166,19 +166,22 @@ class ServerState:
             self.service = GenerationService.from_settings(self.settings)
             self.load_seconds = time.perf_counter() - started
             log.info("Model loaded in %.1f s", self.load_seconds, extra={"backend": self.service.backend.describe()})
-        if not self.service.ready:
-            if not self._move(Phase.WARMING_UP):
-                return
-            log.info("Warming up (one small generation) ...")
-            self.warmup_seconds = self.service.warmup()
+        service = self.service
         batcher = MicroBatcher(
-            self.service.backend.generate,
+            service.backend.generate,
             max_batch_size=self.settings.max_batch_size,
             batch_wait_s=self.settings.batch_wait_ms / 1000.0,
             on_death=self._worker_died,
         )
         self.batcher = batcher
-        batcher.start()
+        if service.ready:
+            batcher.start()
+        else:
+            if not self._move(Phase.WARMING_UP):
+                return
+            log.info("Warming up (one small generation) ...")
+            # On the worker thread, like every later call into the model (thread-local torch/CUDA state).
+            self.warmup_seconds = batcher.start(first=service.warmup).started.result() or 0.0
         if not self._move(Phase.READY):
             return
         log.info(
