@@ -19,8 +19,10 @@ In tests, ``with AacsEmulator(policy, key="k") as emu:`` serves on 127.0.0.1 on 
 is the value for ``CONTENT_SAFETY_ENDPOINT`` and ``emu.requests`` records every analyze call.
 """
 
+from aacs_emulator.api import RecordedRequest
+from aacs_emulator.faults import FAULT_MODES, Fault, FaultMode, FaultTarget
 from aacs_emulator.policy import DEFAULT_POLICY, Policy, PolicyError, image_fingerprint
-from aacs_emulator.server import FAULT_MODES, AacsEmulator, Fault, FaultMode, FaultTarget, RecordedRequest
+from aacs_emulator.server import AacsEmulator
 
 __all__ = [
     "DEFAULT_POLICY",

@@ -11,9 +11,10 @@ import sys
 import threading
 from pathlib import Path
 
+from aacs_emulator.faults import FAULT_MODES, Fault
 from aacs_emulator.limits import API_VERSION
 from aacs_emulator.policy import DEFAULT_POLICY, Policy, PolicyError
-from aacs_emulator.server import FAULT_MODES, AacsEmulator, Fault
+from aacs_emulator.server import AacsEmulator
 
 
 def build_parser() -> argparse.ArgumentParser:
