@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import re
+import subprocess
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 from packaging.requirements import Requirement
@@ -122,3 +125,33 @@ def test_batch_driver_environment_is_separate_and_pinned() -> None:
 def test_setup_script_installs_through_the_same_constraints() -> None:
     setup = (REPO / "scripts/setup.sh").read_text()
     assert "-c constraints.txt" in setup
+
+
+@pytest.mark.parametrize(
+    ("family", "arch"),
+    [("hopper", "9.0"), ("ada", "8.9"), ("ampere", "8.0;8.6"), ("turing", "7.5"), ("all", "7.5;8.0;8.6;8.9;9.0")],
+)
+def test_both_images_prebuild_deepspeed_ops_for_one_gpu_family(tmp_path: Path, family: str, arch: str) -> None:
+    """The script both Dockerfiles run: pip gets one family's arch list and the two op switches, then the
+    ops are checked to load (through the function auto itself uses)."""
+    for dockerfile in ("Dockerfile", "Dockerfile.batch"):
+        text = (ENV / dockerfile).read_text()
+        assert "ARG GPU_FAMILY=hopper" in text
+        assert 'RUN sh environment/build-deepspeed-ops.sh "$SD_ENDPOINT_ENV/bin/python" "$GPU_FAMILY"' in text
+        assert "TORCH_CUDA_ARCH_LIST" not in text  # one home for the arch lists: the script
+    calls = tmp_path / "calls"
+    fake_python = tmp_path / "python"
+    fake_python.write_text(
+        "#!/bin/sh\n"
+        f'echo "$TORCH_CUDA_ARCH_LIST|$DS_BUILD_TRANSFORMER_INFERENCE|$DS_BUILD_SPATIAL_INFERENCE|$*" >> {calls}\n'
+    )
+    fake_python.chmod(0o755)
+    script = ENV / "build-deepspeed-ops.sh"
+    subprocess.run(["sh", str(script), str(fake_python), family], check=True, capture_output=True, cwd=REPO)
+    install, check = calls.read_text().splitlines()
+    assert install.startswith(f"{arch}|1|1|-m pip install ") and install.endswith("-c constraints.txt deepspeed")
+    # Then the ops check, through the function auto itself uses: it must still exist where the image looks.
+    module, name = re.findall(r"from (\S+) import (\w+) as m; assert not m\(\), m\(\)$", check)[0]
+    assert callable(getattr(importlib.import_module(module), name))
+    bad = subprocess.run(["sh", str(script), str(fake_python), "volta"], capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode == 1 and "unknown GPU_FAMILY 'volta'" in bad.stderr
