@@ -73,9 +73,9 @@ def csv_line(values: Iterable[Any]) -> str:
 def write_predictions(folder: Path, rows: Iterable[Prediction]) -> Path:
     """Write both files whole (replacing earlier ones); returns the predictions.csv path."""
     rows = list(rows)
-    _write_atomic(folder / PREDICTIONS_FILE, "".join(csv_line(r.as_list()) + "\n" for r in rows))
+    write_atomic(folder / PREDICTIONS_FILE, "".join(csv_line(r.as_list()) + "\n" for r in rows).encode())
     details = csv_line(DETAIL_COLUMNS) + "\n" + "".join(csv_line(r.details()) + "\n" for r in rows)
-    _write_atomic(folder / DETAILS_FILE, details)
+    write_atomic(folder / DETAILS_FILE, details.encode())
     return folder / PREDICTIONS_FILE
 
 
@@ -110,8 +110,9 @@ def read_details(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # A crash mid-write leaves the previous file, never half of a new one.
+def write_atomic(path: Path, data: bytes) -> None:
+    """Through a temporary name and a rename: a crash mid-write leaves the previous file (or none), never half of
+    a new one that a rerun would take for finished (an image) or read as complete (a predictions file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.write_bytes(data)
     os.replace(tmp, path)

@@ -14,7 +14,6 @@ Azure retries the mini-batch and counts it against ``error_threshold``.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd_endpoint.batch.inputs import INPUT_COLUMNS, InputRow, csv_seed, derived_seed, image_name, read_input
-from sd_endpoint.batch.predictions import Prediction, Status, append_details
+from sd_endpoint.batch.predictions import Prediction, Status, append_details, write_atomic
 from sd_endpoint.batch.settings import BatchSettings
 from sd_endpoint.errors import ConfigError, InvalidRequest
 
@@ -317,7 +316,7 @@ class BatchRunner:
                         replace(base, generated_image="", nsfw_content_detected=True, status="blocked", error=blocked)
                     )
                     continue
-                _write_atomic(self.output_dir / name, base64.b64decode(record["generated_image"]))
+                write_atomic(self.output_dir / name, base64.b64decode(record["generated_image"]))
                 warnings = "; ".join(record.get("warnings") or [])
                 out.append(replace(base, nsfw_content_detected=record.get("nsfw_content_detected"), error=warnings))
         return out
@@ -354,10 +353,3 @@ def _blocked_text(blocked: Any) -> str:
 def _error(file: str, row: int | None, line: int | None, message: str, *, prompt: Any = "") -> Prediction:
     text = prompt if isinstance(prompt, str) else ""
     return Prediction(row, line, text, "", None, file, None, "error", message)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A crash mid-write must not leave a file that a rerun would take for a finished image.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
