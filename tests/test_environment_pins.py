@@ -136,7 +136,7 @@ def test_both_images_prebuild_deepspeed_ops_for_one_gpu_family(tmp_path: Path, f
     ops are checked to load (through the function auto itself uses)."""
     for dockerfile in ("Dockerfile", "Dockerfile.batch"):
         text = (ENV / dockerfile).read_text()
-        assert "ARG GPU_FAMILY=hopper" in text
+        assert re.search(r"^ARG GPU_FAMILY=\w+$", text, re.M)
         assert 'RUN sh environment/build-deepspeed-ops.sh "$SD_ENDPOINT_ENV/bin/python" "$GPU_FAMILY"' in text
         assert "TORCH_CUDA_ARCH_LIST" not in text  # one home for the arch lists: the script
     calls = tmp_path / "calls"
@@ -155,3 +155,23 @@ def test_both_images_prebuild_deepspeed_ops_for_one_gpu_family(tmp_path: Path, f
     assert callable(getattr(importlib.import_module(module), name))
     bad = subprocess.run(["sh", str(script), str(fake_python), "volta"], capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 1 and "unknown GPU_FAMILY 'volta'" in bad.stderr
+
+
+def test_the_images_default_gpu_family_is_the_deployments_gpu() -> None:
+    """Azure builds the images through dockerfile_path, with no build arguments: ops built for another family
+    than the deployments' instance type would be found, tried at every start and fail (no kernel image)."""
+    family_of = {"A100": "ampere", "A10": "ampere", "H100": "hopper", "H200": "hopper", "T4": "turing", "L4": "ada"}
+    instance_types = [
+        yaml.safe_load((REPO / "deployment" / path).read_text())[key]
+        for path, key in (
+            ("online/deployment.yml", "instance_type"),
+            ("online/safe-deployment.yml", "instance_type"),
+            ("batch/compute.yml", "size"),
+        )
+    ]
+    families = {family_of[re.search(r"_(A100|A10|H100|H200|T4|L4)", t).group(1)] for t in instance_types}  # type: ignore[union-attr]
+    defaults = {
+        re.findall(r"^ARG GPU_FAMILY=(\w+)$", (ENV / d).read_text(), re.M)[0]
+        for d in ("Dockerfile", "Dockerfile.batch")
+    }
+    assert defaults == families, (instance_types, defaults)

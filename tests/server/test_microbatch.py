@@ -549,9 +549,13 @@ def test_a_failed_warm_up_is_reported_once_and_nothing_is_served() -> None:
         raise RuntimeError("the device is gone")
 
     async def scenario() -> None:
-        batcher = MicroBatcher(FakeBackend().generate).start(first=broken)
+        batcher = MicroBatcher(FakeBackend().generate)
+        early = submit(batcher, SPEC, tasks("queued before start", 1))
+        batcher.start(first=broken)
         with pytest.raises(RuntimeError, match="device is gone"):
             await asyncio.to_thread(batcher.started.result, 30)
+        await early.done()
+        assert isinstance(early.error, ServiceUnavailable), early.error  # answered, not left waiting
         with pytest.raises(ServiceUnavailable):
             batcher.submit(SPEC, tasks("after", 1), CancelToken())
         await asyncio.to_thread(batcher.close, 5.0)

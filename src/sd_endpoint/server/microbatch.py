@@ -257,6 +257,9 @@ class MicroBatcher:
         except BaseException as exc:
             with self._cond:
                 self._closed = True
+                stranded, self._pending = list(self._pending), deque()
+            for job in stranded:  # submitted before start(): never left waiting
+                self._post(job, ServiceUnavailable("The model failed its warm-up; the instance must restart."))
             self.started.set_exception(exc)
             return
         try:
