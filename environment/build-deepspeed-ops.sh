@@ -16,6 +16,9 @@ case "$family" in
   *) echo "unknown GPU_FAMILY '$family': hopper, ada, ampere, turing or all" >&2; exit 1 ;;
 esac
 echo "Building DeepSpeed's inference ops for $family (TORCH_CUDA_ARCH_LIST=$arch)"
-TORCH_CUDA_ARCH_LIST="$arch" DS_BUILD_TRANSFORMER_INFERENCE=1 DS_BUILD_SPATIAL_INFERENCE=1 DS_BUILD_OPS=0 \
-  "$python" -m pip install --no-deps --no-build-isolation --force-reinstall -c constraints.txt deepspeed
+# DS_ACCELERATOR=cuda: an image builds on a machine without a GPU, where DeepSpeed would pick its CPU
+# accelerator, silently build none of these ops and record "cpu" (seen: a 2 MB pure-Python wheel). No pip
+# cache: a wheel cached by an earlier plain install of DeepSpeed has no ops and would be reused.
+DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST="$arch" DS_BUILD_TRANSFORMER_INFERENCE=1 DS_BUILD_SPATIAL_INFERENCE=1 DS_BUILD_OPS=0 \
+  "$python" -m pip install --no-deps --no-build-isolation --no-cache-dir --force-reinstall -c constraints.txt deepspeed
 "$python" -c "from sd_endpoint.backends.selection import missing_deepspeed_ops as m; assert not m(), m()"

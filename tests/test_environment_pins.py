@@ -143,13 +143,17 @@ def test_both_images_prebuild_deepspeed_ops_for_one_gpu_family(tmp_path: Path, f
     fake_python = tmp_path / "python"
     fake_python.write_text(
         "#!/bin/sh\n"
-        f'echo "$TORCH_CUDA_ARCH_LIST|$DS_BUILD_TRANSFORMER_INFERENCE|$DS_BUILD_SPATIAL_INFERENCE|$*" >> {calls}\n'
+        f'echo "$DS_ACCELERATOR|$TORCH_CUDA_ARCH_LIST|$DS_BUILD_TRANSFORMER_INFERENCE|$DS_BUILD_SPATIAL_INFERENCE|$*" '
+        f">> {calls}\n"
     )
     fake_python.chmod(0o755)
     script = ENV / "build-deepspeed-ops.sh"
     subprocess.run(["sh", str(script), str(fake_python), family], check=True, capture_output=True, cwd=REPO)
     install, check = calls.read_text().splitlines()
-    assert install.startswith(f"{arch}|1|1|-m pip install ") and install.endswith("-c constraints.txt deepspeed")
+    # cuda: the build machine has no GPU, where DeepSpeed would otherwise pick its CPU accelerator and build
+    # no ops; no pip cache: a cached plain DeepSpeed wheel has no ops.
+    assert install.startswith(f"cuda|{arch}|1|1|-m pip install ") and install.endswith("-c constraints.txt deepspeed")
+    assert "--no-cache-dir" in install.split()
     # Then the ops check, through the function auto itself uses: it must still exist where the image looks.
     module, name = re.findall(r"from (\S+) import (\w+) as m; assert not m\(\), m\(\)$", check)[0]
     assert callable(getattr(importlib.import_module(module), name))
