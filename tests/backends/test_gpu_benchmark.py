@@ -10,6 +10,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu  # noqa: E402 - benchmarks/ is a folder of scripts, not a package
+
+
+def test_a_compiling_configuration_is_not_started_when_its_compile_cannot_finish() -> None:
+    # The default took 150 s to compile and start: fp8 (which compiles) is skipped with 100 s left, so that
+    # DeepSpeed (which does not) still runs; with 200 s left it starts.
+    assert gpu.start_skipped(100.0, compiles=True, compile_s=150.0) == (
+        "skipped: 100 s of the budget left; the default took 150 s to compile and start"
+    )
+    assert gpu.start_skipped(200.0, compiles=True, compile_s=150.0) is None
+    assert gpu.start_skipped(100.0, compiles=False, compile_s=150.0) is None
+    assert gpu.start_skipped(100.0, compiles=True, compile_s=None) is None  # no default measured: no estimate
+    assert gpu.start_skipped(-1.0, compiles=False, compile_s=None) == "skipped: time budget"
 
 
 @pytest.mark.slow
