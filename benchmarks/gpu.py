@@ -124,6 +124,13 @@ def reference_images(args: argparse.Namespace, folder: Path, schedulers: list[tu
     return out
 
 
+def drop(backend: Any, device: str) -> None:
+    """Free what a configuration's backend holds on the GPU (the caller drops its own reference)."""
+    if hasattr(backend, "fast"):
+        backend.fast.release()  # DeepSpeed's workspace is not torch's to free
+    free(device)
+
+
 def free(device: str) -> None:
     import torch
 
@@ -152,16 +159,17 @@ def build(key: str, args: argparse.Namespace, folder: Path, batches: list[int], 
     configuration fills ``compile_cache`` (empty: its start-up time is a first start's)."""
     from sd_endpoint.backends.diffusers_backend import DiffusersBackend
     from sd_endpoint.backends.selection import build_backend
+    from sd_endpoint.model.discovery import resolve_source
 
     pipe = load(folder, args.device, args.dtype, args.cache_dir)
     shapes = [(args.size, args.size, b) for b in batches]
     if key == "plain":
         return DiffusersBackend(pipe, optimise=False, cuda_graphs=False)
-    if key in ("default", "deepcache"):
-        return build_backend(settings_for(args, folder, batches, compile_cache=compile_cache), pipe, source="bench")
-    if key == "fp8":
-        settings = settings_for(args, folder, batches, precision="fp8", compile_cache=compile_cache)
-        return build_backend(settings, pipe, source="bench")
+    if key in ("default", "fp8", "deepcache"):
+        precision = "fp8" if key == "fp8" else "fp16"
+        settings = settings_for(args, folder, batches, precision=precision, compile_cache=compile_cache)
+        # Keyed as a server process keys it: the warm-restart probe must find this cache warm.
+        return build_backend(settings, pipe, source=resolve_source(settings).label)
     if key == "deepspeed":
         return build_backend(settings_for(args, folder, batches, backend="deepspeed", compile="off"), pipe)
     if key == "diffusers":
@@ -235,6 +243,9 @@ def startups(
             continue
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         out[name] = json.loads(lines[-1]) if done.returncode == 0 and lines else {"error": done.stderr[-500:]}
+        said = str(out[name].get("optimisations", ""))
+        if name == "warm restart" and "compile cache" in said and "(warm)" not in said:
+            out[name]["warning"] = "the compile cache was not warm: this number is not a warm restart's"
         print(f"startup: {name}: {out[name]}", flush=True)
     return out
 
@@ -444,6 +455,9 @@ def main() -> int:
         skipped = start_skipped(args.budget_s - (time.perf_counter() - started), compiles, compile_s)
         if skipped:
             config.note = skipped
+            if kept is not None:  # the default's backend waited for these cells: free it now
+                drop(kept[1], args.device)
+                kept = backend = None
             continue
         if key == "deepcache" and kept is not None:
             # DeepCache is a request parameter: the default's backend serves it, no second build or compile.
@@ -486,21 +500,14 @@ def main() -> int:
                 print(f"  {sched} {steps} steps, batch {batch}: {cell.s_per_image:.3f} s/image", flush=True)
         kept = (config, backend) if key == "default" and keys[position + 1 : position + 2] == ["deepcache"] else None
         if kept is None:
-            if hasattr(backend, "fast"):
-                backend.fast.release()  # DeepSpeed's workspace is not torch's to free
-            del backend
-            free(args.device)
+            drop(backend, args.device)
+            backend = None
         report(configs, args, info)
     if "startup" in keys and "first start" not in starts:
-        starts.update(
-            startups(
-                args,
-                folder,
-                batches,
-                deadline,
-                [("first start", {"SD_ENDPOINT_COMPILE_CACHE": str(fresh_compile_cache())})],
-            )
-        )
+        compile_s = next((c.startup_s for c in configs if c.name == names["default"] and c.cells), None)
+        why = start_skipped(args.budget_s - (time.perf_counter() - started), True, compile_s)
+        first = [("first start", {"SD_ENDPOINT_COMPILE_CACHE": str(fresh_compile_cache())})]
+        starts.update({"first start": {"error": why}} if why else startups(args, folder, batches, deadline, first))
 
     report(configs, args, info, starts)
     print(f"Total {time.perf_counter() - started:.0f} s.")

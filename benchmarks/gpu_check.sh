@@ -8,8 +8,10 @@
 #        benchmarks/gpu_check.sh fetch
 #    With the twin and nvcc here, it also builds DeepSpeed's inference ops for sm_90 against the image's torch
 #    into .whl/ops/ (~5 min on 2 cores): the GPU machine then loads them instead of compiling for ~2 min.
-#    Rehearse the run on the CPU in the twin (what it can check there: wheels, imports, the model, gpu.py):
-#        PATH=$PWD/.gpu-twin/bin:$PATH OUT=/tmp/twin-out benchmarks/gpu_check.sh run
+#    Rehearse the run on the CPU in the twin (what it can check there: wheels, imports, the carried ops
+#    loading, the model, gpu.py's dry run):
+#        PATH=$PWD/.gpu-twin/bin:$PATH OUT=/tmp/twin-out GPU_CHECK_CAPABILITY=9.0 DS_ACCELERATOR=cuda \
+#            GPU_CHECK_TESTS=0 GPU_BENCH_ARGS=--dry-run benchmarks/gpu_check.sh run
 # 2. On the GPU machine (the device tool's `run`, carrying .whl), from the repository root:
 #        benchmarks/gpu_check.sh run
 #    Steps, each with its own timeout, and none past the whole command's deadline (530 s):
@@ -98,7 +100,8 @@ log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format
 timeout "$(cap 60)" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || { log "wheel install failed"; exit 1; }
 export PYTHONPATH="$SITE:$PWD/src:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-cap="$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)"
+# GPU_CHECK_CAPABILITY stands in for the GPU's in a rehearsal on the CPU twin.
+cap="${GPU_CHECK_CAPABILITY:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}"
 export TORCH_CUDA_ARCH_LIST="${cap:-9.0}" MAX_JOBS=16
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}"
 python3 -c 'import torch, triton, diffusers, transformers, deepspeed; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__)' 2>&1 | tail -1 | tee -a "$OUT/gpu_check.log"
@@ -112,15 +115,20 @@ model_pid=$!
 ops_load='from deepspeed.ops.op_builder import InferenceBuilder, SpatialInferenceBuilder
 InferenceBuilder().load(); SpatialInferenceBuilder().load(); print("DeepSpeed ops loaded")'
 timeout "$(cap 30)" python3 -m deepspeed.env_report > "$OUT/ds_report_before.log" 2>&1
+# The carried ops must be in the package: without them DeepSpeed's load() quietly compiles instead.
+prebuilt_load="from deepspeed.git_version_info import installed_ops as i
+assert i['transformer_inference'] and i['spatial_inference'], 'the carried DeepSpeed has no pre-built ops'
+$ops_load"
 prebuilt=no
-if ls .whl/ops/deepspeed-*.whl >/dev/null 2>&1; then
+if [ "$cap" = 9.0 ] && ls .whl/ops/deepspeed-*.whl >/dev/null 2>&1; then  # fetch builds them for sm_90 only
     timeout "$(cap 30)" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --force-reinstall --target "$SITE" .whl/ops/deepspeed-*.whl > "$OUT/ds_prebuilt.log" 2>&1 \
-        && timeout "$(cap 60)" python3 -c "$ops_load" >> "$OUT/ds_prebuilt.log" 2>&1 && prebuilt=yes
+        && timeout "$(cap 60)" python3 -c "$prebuilt_load" >> "$OUT/ds_prebuilt.log" 2>&1 && prebuilt=yes
     log "DeepSpeed ops pre-built (carried): $prebuilt ($(tail -1 "$OUT/ds_prebuilt.log"))"
     if [ "$prebuilt" = no ]; then  # back to the pure-Python DeepSpeed, whose ops build here
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --force-reinstall \
-            --target "$SITE" .whl/deepspeed-*.whl >> "$OUT/ds_prebuilt.log" 2>&1
+        timeout "$(cap 30)" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --force-reinstall --target "$SITE" .whl/deepspeed-*.whl >> "$OUT/ds_prebuilt.log" 2>&1 \
+            || log "reinstalling the pure-Python DeepSpeed failed (see ds_prebuilt.log)"
     fi
 fi
 if [ "$prebuilt" = no ]; then

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAKE_PYTHON = """#!/bin/sh
 echo "$*" >> "$CALLS"
 case "$*" in
-  *"get_device_capability"*) echo 9.0 ;;
+  *"get_device_capability"*) echo "$CAPABILITY" ;;
   *"pip install"*"ops/deepspeed-"*) echo prebuilt > "$STATE" ;;
   *"pip install"*"deepspeed-"*) echo pure > "$STATE" ;;
   *"InferenceBuilder().load()"*)
@@ -34,7 +34,9 @@ exit 0
 """
 
 
-def run_check(tmp_path: Path, *, carried_ops: bool, fail_prebuilt: bool) -> tuple[str, list[str]]:
+def run_check(
+    tmp_path: Path, *, carried_ops: bool, fail_prebuilt: bool, capability: str = "9.0"
+) -> tuple[str, list[str]]:
     repo = tmp_path / "repo"
     (repo / "benchmarks").mkdir(parents=True)
     shutil.copy(REPO / "benchmarks" / "gpu_check.sh", repo / "benchmarks" / "gpu_check.sh")
@@ -59,6 +61,7 @@ def run_check(tmp_path: Path, *, carried_ops: bool, fail_prebuilt: bool) -> tupl
         "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
         "GPU_CHECK_TESTS": "0",
         "FAIL_PREBUILT": "1" if fail_prebuilt else "",
+        "CAPABILITY": capability,
     }
     done = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "run"], cwd=repo, env=env, capture_output=True, text=True, timeout=120
@@ -90,3 +93,11 @@ def test_without_loadable_prebuilt_ops_the_pure_deepspeed_builds_them(tmp_path: 
         assert "pre-built (carried)" not in log
     assert (tmp_path / "state").read_text().strip() == "pure"
     assert "DeepSpeed op build exit 0 (DeepSpeed ops loaded)" in log
+
+
+def test_the_carried_ops_are_for_hopper_only(tmp_path: Path) -> None:
+    """fetch builds them for sm_90 without PTX: on an A100 they would load and then have no kernel to run."""
+    log, calls = run_check(tmp_path, carried_ops=True, fail_prebuilt=False, capability="8.0")
+    assert "pre-built (carried)" not in log
+    assert not any("ops/deepspeed-" in c for c in calls)
+    assert "DeepSpeed ops: build for sm_80" in log

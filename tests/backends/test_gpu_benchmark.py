@@ -27,6 +27,29 @@ def test_a_compiling_configuration_is_not_started_when_its_compile_cannot_finish
     assert gpu.start_skipped(-1.0, compiles=False, compile_s=None) == "skipped: time budget"
 
 
+def test_the_benchmark_keys_its_compile_cache_as_a_server_process_does(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The warm-restart probe is a fresh server process: it finds the cache the default configuration filled
+    only if both hand build_backend the same source, which the compile cache's key includes."""
+    import argparse
+
+    import sd_endpoint.model.fast_load as fast_load
+    import sd_endpoint.model.loading as loading
+    from sd_endpoint.backends import create_backend, selection
+    from sd_endpoint.settings import load_settings
+
+    seen: list[str] = []
+    monkeypatch.setattr(selection, "build_backend", lambda settings, pipe, **kw: seen.append(kw["source"]))
+    monkeypatch.setattr(gpu, "load", lambda *a: object())
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **kw: object())
+    monkeypatch.setattr(fast_load, "start_load", lambda *a, **kw: None)
+    args = argparse.Namespace(size=64, device="cpu", dtype="float32", cache_dir=tmp_path)
+    gpu.build("default", args, tiny_model_dir, [1], tmp_path / "compile")
+    create_backend(load_settings(model=str(tiny_model_dir), device="cpu", dtype="float32", cache_dir=tmp_path))
+    assert seen == [f"diffusers:{tiny_model_dir}"] * 2
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # four configurations and three fresh-process start-ups, on a shared CPU
 def test_gpu_benchmark_dry_run(tmp_path: Path, cache_dir: Path) -> None:

@@ -47,4 +47,4 @@ def create_backend(settings: Settings) -> Backend:
         variant = choose_variant(folder, placement.dtype_name)
         early = start_load(folder, placement.device, placement.dtype_name, variant, channels_last=nhwc)
     pipe = load_pipeline(source, placement, settings.cache_dir, early=early)
-    return build_backend(settings, pipe, placement_reason=placement.reason, source=f"{source.kind}:{source.location}")
+    return build_backend(settings, pipe, placement_reason=placement.reason, source=source.label)

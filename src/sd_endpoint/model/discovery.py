@@ -30,6 +30,12 @@ class ModelSource:
     location: str
     reason: str
 
+    @property
+    def label(self) -> str:
+        """The same for every process that loads this source: part of the compile cache's key, so a cache
+        filled by one process (the benchmark, a first start) is warm for the next."""
+        return f"{self.kind}:{self.location}"
+
 
 def resolve_source(settings: Settings) -> ModelSource:
     """Decide what to load from SD_ENDPOINT_MODEL / --model, then AZUREML_MODEL_DIR, then the demo."""
