@@ -207,6 +207,11 @@ def start_skipped(left_s: float, compiles: bool, compile_s: float | None) -> str
     return None
 
 
+def started_in(configs: list[Config], name: str) -> float | None:
+    """How long the named configuration took to start (load and compile), if it ran."""
+    return next((c.startup_s for c in configs if c.name == name and c.cells), None)
+
+
 def fresh_compile_cache() -> Path:
     return Path(tempfile.mkdtemp(prefix="gpu-bench-compile-"))
 
@@ -451,7 +456,7 @@ def main() -> int:
         config = Config(names[key])
         configs.append(config)
         compiles = key == "fp8" or (key == "deepcache" and kept is None)
-        compile_s = next((c.startup_s for c in configs if c.name == names["default"] and c.cells), None)
+        compile_s = started_in(configs, names["default"])
         skipped = start_skipped(args.budget_s - (time.perf_counter() - started), compiles, compile_s)
         if skipped:
             config.note = skipped
@@ -504,7 +509,7 @@ def main() -> int:
             backend = None
         report(configs, args, info)
     if "startup" in keys and "first start" not in starts:
-        compile_s = next((c.startup_s for c in configs if c.name == names["default"] and c.cells), None)
+        compile_s = started_in(configs, names["default"])
         why = start_skipped(args.budget_s - (time.perf_counter() - started), True, compile_s)
         first = [("first start", {"SD_ENDPOINT_COMPILE_CACHE": str(fresh_compile_cache())})]
         starts.update({"first start": {"error": why}} if why else startups(args, folder, batches, deadline, first))

@@ -33,6 +33,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
 pins() { grep -i -E "^$1==" constraints.txt | head -1; }
+# The twin's CUDA libraries and headers (from torch's CUDA wheels).
+twin_cuda() { .gpu-twin/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))'; }
 
 if [ "$mode" = fetch ]; then
     set -e
@@ -55,7 +57,7 @@ if [ "$mode" = fetch ]; then
     rm -rf .whl/ops
     if [ -x .gpu-twin/bin/python ] && command -v nvcc >/dev/null; then
         # The same switches as environment/build-deepspeed-ops.sh (no GPU here either), for Hopper only.
-        nv="$(.gpu-twin/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
+        nv="$(twin_cuda)"
         CPATH="$nv/include" LIBRARY_PATH="$PWD/.gpu-twin/cuda-link:$nv/lib" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" \
         DS_ACCELERATOR=cuda TORCH_CUDA_ARCH_LIST=9.0 DS_BUILD_TRANSFORMER_INFERENCE=1 DS_BUILD_SPATIAL_INFERENCE=1 \
         DS_BUILD_OPS=0 .gpu-twin/bin/python -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir \
@@ -77,7 +79,7 @@ if [ "$mode" = twin ]; then
         huggingface_hub==1.33.0 safetensors==0.8.0 tokenizers==0.23.2 numpy==2.5.2 pillow prometheus-client \
         pytest pytest-timeout hypothesis psutil py-cpuinfo einops msgpack ninja tqdm pyyaml regex requests
     # The ops link -lcurand, which the CUDA wheels ship only under its versioned name.
-    nv="$(.gpu-twin/bin/python -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
+    nv="$(twin_cuda)"
     mkdir -p .gpu-twin/cuda-link
     for lib in curand cublas cublasLt; do
         ln -sf "$(ls "$nv"/lib/lib$lib.so.* | head -1)" ".gpu-twin/cuda-link/lib$lib.so"
@@ -95,10 +97,15 @@ started=$(date +%s)
 DEADLINE_S=${GPU_CHECK_DEADLINE_S:-530}  # the whole command; the device tool allows one 9-minute command
 # A step's timeout: its own limit, or what is left before the deadline (at least 5 s), whichever is less.
 cap() { local left=$(( DEADLINE_S - ($(date +%s) - started) )); [ "$left" -lt 5 ] && left=5; echo $(( $1 < left ? $1 : left )); }
+# Carried wheels into $SITE, replacing what is there, within a step's timeout: site_install SECONDS WHEEL...
+site_install() {
+    local limit=$1; shift
+    timeout "$(cap "$limit")" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --force-reinstall --target "$SITE" "$@"
+}
 
 log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
-timeout "$(cap 60)" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-    || { log "wheel install failed"; exit 1; }
+site_install 60 .whl/*.whl || { log "wheel install failed"; exit 1; }
 export PYTHONPATH="$SITE:$PWD/src:$PWD" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # GPU_CHECK_CAPABILITY stands in for the GPU's in a rehearsal on the CPU twin.
 cap="${GPU_CHECK_CAPABILITY:-$(python3 -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)}"
@@ -121,13 +128,11 @@ assert i['transformer_inference'] and i['spatial_inference'], 'the carried DeepS
 $ops_load"
 prebuilt=no
 if [ "$cap" = 9.0 ] && ls .whl/ops/deepspeed-*.whl >/dev/null 2>&1; then  # fetch builds them for sm_90 only
-    timeout "$(cap 30)" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --force-reinstall --target "$SITE" .whl/ops/deepspeed-*.whl > "$OUT/ds_prebuilt.log" 2>&1 \
+    site_install 30 .whl/ops/deepspeed-*.whl > "$OUT/ds_prebuilt.log" 2>&1 \
         && timeout "$(cap 60)" python3 -c "$prebuilt_load" >> "$OUT/ds_prebuilt.log" 2>&1 && prebuilt=yes
     log "DeepSpeed ops pre-built (carried): $prebuilt ($(tail -1 "$OUT/ds_prebuilt.log"))"
     if [ "$prebuilt" = no ]; then  # back to the pure-Python DeepSpeed, whose ops build here
-        timeout "$(cap 30)" python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --force-reinstall --target "$SITE" .whl/deepspeed-*.whl >> "$OUT/ds_prebuilt.log" 2>&1 \
+        site_install 30 .whl/deepspeed-*.whl >> "$OUT/ds_prebuilt.log" 2>&1 \
             || log "reinstalling the pure-Python DeepSpeed failed (see ds_prebuilt.log)"
     fi
 fi
